@@ -1,0 +1,173 @@
+"""Configuration: pydantic models for the TOML file and the command line.
+
+The file and the flags describe the same models; `load` merges them (a flag
+wins over the file) and validates everything before any socket is opened.
+A bad value becomes one `ConfigError` line that names the field, e.g.
+``exports[0].size: must be a multiple of 4096``.  The rest of the program
+takes the validated, frozen models and plain values from them.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator
+
+PAGE_SIZE = 4096
+DEFAULT_PORT = 10809
+DEFAULT_EXPORT = "default"
+DEFAULT_SIZE = 4 << 30
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the operator in one line."""
+
+
+def parse_size(value: object) -> int:
+    """`512M`, `4G`, `4GiB`, `1048576` -> bytes (binary units)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512M or 4G")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(m.group(1)) * _UNITS[m.group(2).upper()]
+    raise ValueError(f"expected a size such as 512M or 4G, got {value!r}")
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[V6]:PORT`, `HOST` or `:PORT` -> (host, port)."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?", value)
+    if m:
+        host, port = m.group(1), m.group(2)
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    elif ":" in value:
+        raise ValueError(f"write IPv6 addresses in brackets, e.g. [::1]:{DEFAULT_PORT}")
+    else:
+        host, port = value, None
+    number = int(port) if port else DEFAULT_PORT
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    return host or "127.0.0.1", number
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExportConfig(_Model):
+    """One export: its name, size and behaviour."""
+
+    name: str = DEFAULT_EXPORT
+    size: Size = DEFAULT_SIZE
+    description: str = ""
+    read_only: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if len(v.encode("utf-8")) > 4096:
+            raise ValueError("export names are at most 4096 bytes")
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: int) -> int:
+        if v <= 0 or v % PAGE_SIZE:
+            raise ValueError("must be a positive multiple of 4096")
+        return v
+
+
+class ServerConfig(_Model):
+    """Listeners and process-wide settings."""
+
+    listen: list[str] = [f"127.0.0.1:{DEFAULT_PORT}"]
+    unix: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Seconds connections get to finish after SIGTERM/SIGINT.
+    shutdown_grace: float = 2.0
+    #: Requests per connection parsed ahead of their replies being sent.
+    max_inflight_bytes: Size = 64 << 20
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: list[str]) -> list[str]:
+        for item in v:
+            parse_address(item)
+        return v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("shutdown_grace")
+    @classmethod
+    def _grace(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must not be negative")
+        return v
+
+
+class Config(_Model):
+    server: ServerConfig = ServerConfig()
+    exports: list[ExportConfig] = [ExportConfig()]
+
+    @field_validator("exports")
+    @classmethod
+    def _exports(cls, v: list[ExportConfig]) -> list[ExportConfig]:
+        if not v:
+            raise ValueError("at least one export is needed")
+        names = [e.name for e in v]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"export name {name!r} is used twice")
+        return v
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ""
+    for part in first["loc"]:
+        where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown setting"
+    return f"{where or 'config'}: {msg}"
+
+
+def load(path: str | Path | None, server: dict[str, Any], export: dict[str, Any]) -> Config:
+    """Read the TOML file (if any) and apply the command-line overrides.
+
+    `server` and `export` hold only the flags the user gave; the export
+    flags apply to the first export (the command line describes one).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    if server:
+        data["server"] = {**data.get("server", {}), **server}
+    if export:
+        exports = list(data.get("exports", [{}]))
+        exports[0] = {**exports[0], **export}
+        data["exports"] = exports
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None

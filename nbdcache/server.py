@@ -1,0 +1,295 @@
+"""asyncio glue: listeners, one `asyncio.Protocol` per connection, flow
+control and shutdown.
+
+The hot path follows the brief: each `data_received` parses every complete
+request in the buffer, answers them synchronously from the store and sends
+all replies with one `writelines`; there is no Task or future per request.
+Replies to a batch are bounded (`max_inflight_bytes`): when the transport's
+buffer passes its high-water mark the connection stops reading until the
+client drains it.  A misbehaving client only ever loses its own connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+from nbdcache import protocol as p
+from nbdcache.device import Device
+from nbdcache.tier import StoreError
+
+log = logging.getLogger("nbdcache.server")
+
+#: Reply bytes queued in the transport before the connection stops reading.
+WRITE_HIGH_WATER = 4 << 20
+
+
+@dataclass
+class Export:
+    """A served export: what the handshake shows and the device behind it."""
+
+    info: p.ExportInfo
+    device: Device
+
+
+class NBDServer:
+    """Owns the listeners and the live connections of one process."""
+
+    def __init__(
+        self,
+        exports: Sequence[Export],
+        *,
+        max_inflight_bytes: int = 64 << 20,
+        shutdown_grace: float = 2.0,
+    ) -> None:
+        self.exports = list(exports)
+        self.export_infos = [e.info for e in self.exports]
+        self.by_name = {e.info.name: e for e in self.exports}
+        self.max_inflight_bytes = max_inflight_bytes
+        self.shutdown_grace = shutdown_grace
+        self.shutting_down = False
+        self.connections: set[Connection] = set()
+        self._listeners: list[asyncio.base_events.Server] = []
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
+
+    async def listen_tcp(self, host: str, port: int) -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(
+            lambda: Connection(self), host, port, reuse_address=True, backlog=512
+        )
+        self._listeners.append(srv)
+        return [s.getsockname()[:2] for s in srv.sockets]
+
+    async def listen_unix(self, path: str) -> None:
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_unix_server(lambda: Connection(self), path, backlog=512)
+        self._listeners.append(srv)
+
+    def _register(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self._all_closed.clear()
+
+    def _unregister(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        if not self.connections:
+            self._all_closed.set()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let connections finish, drop the rest after the grace."""
+        self.shutting_down = True
+        for srv in self._listeners:
+            srv.close()
+        for conn in list(self.connections):
+            conn.begin_shutdown()
+        try:
+            await asyncio.wait_for(self._all_closed.wait(), self.shutdown_grace)
+        except TimeoutError:
+            for conn in list(self.connections):
+                conn.abort("shutdown grace expired")
+        for srv in self._listeners:
+            await srv.wait_closed()
+
+
+class Connection(asyncio.Protocol):
+    """One client: the handshake, then the transmission phase."""
+
+    def __init__(self, server: NBDServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.handshake: p.Handshake | None = None
+        self.neg: p.Negotiated | None = None
+        self.device: Device | None = None
+        self.buf = bytearray()
+        self.parser = p.RequestParser()
+        self.write_paused = False
+        self.closing = False
+
+    # --- asyncio callbacks ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.server._register(self)
+        if self.server.shutting_down:
+            transport.abort()
+            return
+        self.handshake = p.Handshake(self.server.export_infos)
+        transport.write(self.handshake.greeting())
+        log.debug("%s: connected", self.peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.buf = bytearray()
+        self.server._unregister(self)
+        log.debug("%s: disconnected (%s)", self.peer, exc or "closed")
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+            self._process()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            if self.neg is None:
+                self._handshake(data)
+            else:
+                self.buf += data
+                self._process()
+        except p.RemoteProtocolError as exc:
+            self.abort(f"protocol error: {exc}")
+        except Exception:
+            log.exception("%s: internal error, dropping the connection", self.peer)
+            self.abort("internal error")
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    # --- shutdown -------------------------------------------------------------
+
+    def begin_shutdown(self) -> None:
+        if self.handshake is not None:
+            self.handshake.shutting_down = True
+
+    def abort(self, reason: str) -> None:
+        if not self.closing:
+            log.info("%s: dropping connection: %s", self.peer, reason)
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- handshake ------------------------------------------------------------
+
+    def _handshake(self, data: bytes) -> None:
+        hs = self.handshake
+        assert hs is not None and self.transport is not None
+        out = hs.receive_data(data)
+        if out:
+            self.transport.write(out)
+        if hs.closed:
+            log.info("%s: handshake ended: %s", self.peer, hs.close_reason)
+            self.closing = True
+            self.transport.close()
+            return
+        if hs.result is not None:
+            self.neg = hs.result
+            self.device = self.server.by_name[hs.result.export.name].device
+            self.handshake = None
+            log.info(
+                "%s: attached export %r (structured replies: %s)",
+                self.peer,
+                self.neg.export.name,
+                self.neg.structured_replies,
+            )
+            if hs.leftover:
+                self.buf += hs.leftover
+                self._process()
+
+    # --- transmission ---------------------------------------------------------
+
+    def _process(self) -> None:
+        """Answer every complete request in the buffer, within the budget."""
+        transport = self.transport
+        assert transport is not None
+        while not self.write_paused and not self.closing:
+            requests, consumed = self.parser.parse(self.buf, self.server.max_inflight_bytes)
+            if not consumed:
+                return
+            out: list[bytes | memoryview] = []
+            disconnect = False
+            for req in requests:
+                if req.type == p.CMD_DISC:
+                    disconnect = True
+                    break
+                self._execute(req, out)
+            for req in requests:
+                if req.payload is not None:
+                    req.payload.release()
+            del requests
+            del self.buf[:consumed]
+            if out:
+                transport.writelines(out)
+            if disconnect:
+                log.debug("%s: client disconnected", self.peer)
+                self.closing = True
+                transport.close()
+                return
+
+    def _execute(self, req: p.Request, out: list[bytes | memoryview]) -> None:
+        neg = self.neg
+        device = self.device
+        assert neg is not None and device is not None
+        error = p.check_request(req, neg)
+        if not error and self.server.shutting_down:
+            error = p.ESHUTDOWN
+        if error:
+            self._error(req, error, out)
+            return
+        type_ = req.type
+        try:
+            if type_ == p.CMD_READ:
+                chunks = device.read(req.offset, req.length)
+                if not neg.structured_replies:
+                    out.append(p.simple_reply(req.cookie))
+                elif req.length:
+                    out.append(p.read_chunk_header(req.cookie, req.offset, req.length))
+                else:
+                    out.append(p.structured_done(req.cookie))
+                out.extend(chunks)
+                return
+            if type_ == p.CMD_WRITE:
+                assert req.payload is not None
+                device.write(req.offset, req.payload)
+            elif type_ == p.CMD_TRIM:
+                device.trim(req.offset, req.length)
+            elif type_ == p.CMD_WRITE_ZEROES:
+                device.write_zeroes(
+                    req.offset, req.length, no_hole=bool(req.flags & p.CMD_FLAG_NO_HOLE)
+                )
+            elif type_ == p.CMD_BLOCK_STATUS:
+                extents = device.block_status(
+                    req.offset, req.length, req_one=bool(req.flags & p.CMD_FLAG_REQ_ONE)
+                )
+                out.append(p.block_status_reply(req.cookie, neg.meta_context, extents))
+                return
+            # FLUSH (only when advertised) and CACHE have nothing left to do:
+            # every completed write is already in the store.
+            out.append(p.simple_reply(req.cookie))
+        except StoreError as exc:
+            log.warning(
+                "%s: request %d at %d+%d failed: %s", self.peer, type_, req.offset, req.length, exc
+            )
+            self._error(req, exc.errno, out, str(exc))
+        except Exception:
+            log.exception("%s: internal error on request type %d", self.peer, type_)
+            self._error(req, p.EIO, out, "internal server error")
+
+    def _error(
+        self, req: p.Request, error: int, out: list[bytes | memoryview], message: str = ""
+    ) -> None:
+        neg = self.neg
+        assert neg is not None
+        if neg.structured_replies:
+            out.append(p.structured_error(req.cookie, error, message))
+        else:
+            out.append(p.simple_reply(req.cookie, error))

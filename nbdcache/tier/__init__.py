@@ -1,0 +1,87 @@
+"""The page store contract between the block device and the tiers.
+
+`device.py` turns byte ranges into page operations and calls a `PageStore`;
+it knows nothing of compression, allocators or disks.  This module owns the
+contract: the page size, the per-page content states, the errors a store may
+raise, and the protocol every store implements.  The tier package is a
+library: nothing in it imports network code.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+#: The page every hole and zero page reads as.  Never written to.
+ZERO_PAGE = bytes(PAGE_SIZE)
+
+# Per-page content states (one byte each in a page table).
+HOLE = 0  # never written, or trimmed: reads as zeroes, no space reserved
+ZERO = 1  # zeroes, but allocated (WRITE_ZEROES with NO_HOLE, or a written zero page)
+SAME = 2  # one repeated 8-byte word, no arena space
+RAM = 3  # compressed (or raw) in the arena
+DISK = 4  # only in the backing image
+
+# NBD `base:allocation` status flags, as returned by `PageStore.extents`.
+STATE_HOLE = 1
+STATE_ZERO = 2
+
+
+class StoreError(Exception):
+    """A page operation failed; `errno` is the NBD error the client gets."""
+
+    errno = 5  # NBD_EIO
+
+
+class NoSpace(StoreError):
+    """A first write to a hole found no room (NBD_ENOSPC)."""
+
+    errno = 28
+
+
+class StoreIOError(StoreError):
+    """The store could not keep its promise (NBD_EIO): counted and logged."""
+
+    errno = 5
+
+
+class PageStore(Protocol):
+    """What the block device needs from a store of 4 KiB pages.
+
+    Every method is synchronous and called from the event loop thread.  Page
+    numbers are always in range; the device checks bounds.
+    """
+
+    @property
+    def page_count(self) -> int: ...
+
+    def load(self, pgno: int) -> bytes | memoryview:
+        """Return the page's 4096 bytes (`ZERO_PAGE` for holes and zero pages).
+
+        The result is only valid until the next call that changes the store.
+        """
+
+    def store(self, pgno: int, data: bytes | memoryview) -> None:
+        """Replace the page with `data` (exactly 4096 bytes).
+
+        Raises `NoSpace` only when the page was a hole; an allocated page is
+        always overwritten or the call raises `StoreIOError`.  On any error the
+        page keeps its previous content.
+        """
+
+    def discard(self, pgno: int) -> None:
+        """Make the page a hole (TRIM): frees its storage; reads zeroes."""
+
+    def zero(self, pgno: int, allocate: bool) -> None:
+        """Make the page read as zeroes; `allocate` keeps it allocated (NO_HOLE)."""
+
+    def extents(self, first: int, count: int) -> list[tuple[int, int]]:
+        """`base:allocation` runs over pages [first, first+count).
+
+        Returns a non-empty list of (pages, flags) with flags a combination of
+        STATE_HOLE and STATE_ZERO; consecutive runs have different flags.  The
+        runs cover the range from `first` but may stop short of its end (never
+        past it).
+        """
