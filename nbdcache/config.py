@@ -9,6 +9,7 @@ takes the validated, frozen models and plain values from them.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -56,10 +57,16 @@ def parse_address(value: str) -> tuple[str, int]:
         raise ValueError(f"write IPv6 addresses in brackets, e.g. [::1]:{DEFAULT_PORT}")
     else:
         host, port = value, None
-    number = int(port) if port else DEFAULT_PORT
+    number = int(port) if port and port.isdigit() else -1 if port else DEFAULT_PORT
     if not 0 <= number <= 65535:
-        raise ValueError(f"port out of range in {value!r}")
-    return host or "127.0.0.1", number
+        raise ValueError(f"bad port in {value!r}")
+    host = host or "127.0.0.1"
+    if re.fullmatch(r"[\d.]+|.*:.*", host):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"bad IP address in {value!r}") from None
+    return host, number
 
 
 class _Model(BaseModel):

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs, then run it: lint, types, tests.
+# Usage: scripts/test.sh [pytest arguments...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+# Real peers and the VM test's tools come from Debian.
+need=()
+check() { command -v "$1" >/dev/null 2>&1 || need+=("$2"); }
+check nbdkit nbdkit
+check nbdinfo libnbd-bin
+check nbdsh libnbd-bin
+check nbdcopy libnbd-bin
+check qemu-io qemu-utils
+check qemu-img qemu-utils
+check qemu-system-x86_64 qemu-system-x86
+check fio fio
+check gcc gcc
+check cpio cpio
+check nbd-client nbd-client
+[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx swapon || need+=(busybox-static)
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing: ${need[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+# The package and its test dependencies, in a local venv.
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[dev]'
+
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+exec .venv/bin/pytest -q -rs "$@"

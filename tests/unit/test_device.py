@@ -1,0 +1,109 @@
+"""Byte ranges to pages: the device against a plain bytearray model."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nbdcache.device import Device
+from nbdcache.tier import STATE_HOLE, STATE_ZERO
+from nbdcache.tier.simple import DictStore
+
+PAGES = 8
+SIZE = PAGES * 4096
+
+
+def device() -> Device:
+    return Device(DictStore(PAGES), SIZE)
+
+
+def read(dev: Device, offset: int, length: int) -> bytes:
+    return b"".join(bytes(c) for c in dev.read(offset, length))
+
+
+def test_unaligned_write_reads_back_and_leaves_neighbours() -> None:
+    dev = device()
+    data = bytes(range(256)) * 40
+    dev.write(4000, memoryview(data))
+    assert read(dev, 4000, len(data)) == data
+    assert read(dev, 0, 4000) == bytes(4000)
+    assert read(dev, 4000 + len(data), 100) == bytes(100)
+
+
+def test_trim_frees_only_whole_pages() -> None:
+    dev = device()
+    dev.write(0, memoryview(b"\x01" * SIZE))
+    dev.trim(100, 3 * 4096)  # covers page 1 and 2 wholly, 0 and 3 partly
+    assert dev.block_status(0, SIZE, req_one=False) == [
+        (4096, 0),
+        (8192, STATE_HOLE | STATE_ZERO),
+        (SIZE - 3 * 4096, 0),
+    ]
+    assert read(dev, 0, 4096) == b"\x01" * 4096
+    assert read(dev, 4096, 8192) == bytes(8192)
+
+
+def test_write_zeroes_with_and_without_no_hole() -> None:
+    dev = device()
+    dev.write(0, memoryview(b"\x02" * SIZE))
+    dev.write_zeroes(4096, 4096, no_hole=False)
+    dev.write_zeroes(8192, 4096, no_hole=True)
+    dev.write_zeroes(12288 + 10, 20, no_hole=False)
+    assert dev.block_status(0, 4 * 4096, req_one=False) == [
+        (4096, 0),
+        (4096, STATE_HOLE | STATE_ZERO),
+        (4096, STATE_ZERO),
+        (4096, 0),
+    ]
+    page3 = read(dev, 12288, 4096)
+    assert page3[:10] == b"\x02" * 10 and page3[10:30] == bytes(20) and page3[30:] == b"\x02" * 4066
+
+
+def test_block_status_is_clipped_to_the_request_and_req_one() -> None:
+    dev = device()
+    assert dev.block_status(10, 100, req_one=False) == [(100, STATE_HOLE | STATE_ZERO)]
+    dev.write(4096, memoryview(b"x" * 4096))
+    assert dev.block_status(100, SIZE - 100, req_one=True) == [(3996, STATE_HOLE | STATE_ZERO)]
+    assert dev.block_status(4096, 4096 * 3, req_one=False) == [
+        (4096, 0),
+        (8192, STATE_HOLE | STATE_ZERO),
+    ]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["write", "trim", "zero", "zero_nohole"]),
+            st.integers(0, SIZE - 1),
+            st.integers(1, 3 * 4096),
+            st.integers(0, 255),
+        ),
+        max_size=25,
+    )
+)
+def test_device_matches_a_bytearray_model(ops: list[tuple[str, int, int, int]]) -> None:
+    dev = device()
+    model = bytearray(SIZE)
+    for op, offset, length, byte in ops:
+        length = min(length, SIZE - offset)
+        if op == "write":
+            dev.write(offset, memoryview(bytes([byte]) * length))
+            model[offset : offset + length] = bytes([byte]) * length
+        elif op == "trim":
+            dev.trim(offset, length)
+            first = -(-offset // 4096) * 4096
+            end = (offset + length) // 4096 * 4096
+            if end > first:
+                model[first:end] = bytes(end - first)  # trimmed pages read zero here
+        else:
+            dev.write_zeroes(offset, length, no_hole=op == "zero_nohole")
+            model[offset : offset + length] = bytes(length)
+        assert read(dev, 0, SIZE) == model
+    # Every extent flagged zero really reads as zeroes.
+    pos = 0
+    for length, flags in dev.block_status(0, SIZE, req_one=False):
+        if flags & STATE_ZERO:
+            assert model[pos : pos + length] == bytes(length)
+        pos += length
+    assert pos == SIZE
