@@ -1,0 +1,169 @@
+"""The backing disk image: a sparse raw file of the device's size.
+
+Each page lives at its own offset, so at any flushed moment the file is a
+plain raw disk image (mountable, `qemu-img`-readable).  This module owns the
+file: creating or checking it, the exclusive `flock` that keeps a second
+server off it, positional I/O (`os.preadv`/`os.pwritev`) on a dedicated
+thread pool so the event loop never waits for the disk, hole punching
+(`fallocate(PUNCH_HOLE)` through ctypes, falling back to writing zeroes where
+the file system cannot punch), space reservation and `fdatasync`.
+
+The blocking methods (`read`, `write`, ...) run on pool threads; the event
+loop calls `submit` to get an asyncio future for one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+PAGE_SIZE = 4096
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+T = TypeVar("T")
+
+
+class ImageError(Exception):
+    """The image cannot be used as configured; the message is for the operator."""
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class BackingImage:
+    """One export's image file, locked for the life of the process."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        size: int,
+        *,
+        volatile: bool,
+        io_threads: int = 4,
+        preallocate: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.size = size
+        self.fd = self._open(volatile)
+        self.can_punch = True
+        self.bytes_punched_by_writing = 0
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="nbdcache-io")
+        if preallocate:
+            try:
+                os.posix_fallocate(self.fd, 0, size)
+            except OSError as exc:
+                self.close()
+                raise ImageError(
+                    f"{self.path}: cannot preallocate {size} bytes: {exc.strerror}"
+                ) from None
+
+    def _open(self, volatile: bool) -> int:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ImageError(f"{self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ImageError(
+                f"{self.path} is in use by another nbdcache server (it holds the lock)"
+            ) from None
+        current = os.fstat(fd).st_size
+        if volatile or current == 0:
+            # Scratch space: nothing from an earlier run may leak.
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, self.size)
+        elif current != self.size:
+            os.close(fd)
+            raise ImageError(
+                f"{self.path} holds {current} bytes but the export is {self.size} bytes; "
+                "refusing to resize an image with contents"
+            )
+        return fd
+
+    # --- blocking operations, run on the pool ---------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        done = 0
+        view = memoryview(buf)
+        while done < length:
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n == 0:  # past the end of a short file: zeroes
+                break
+            done += n
+        return bytes(buf)
+
+    def write(self, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
+        total = sum(len(b) for b in buffers)
+        done = os.pwritev(self.fd, buffers, offset)
+        if done < total:  # short write: finish the rest one buffer at a time
+            data = b"".join(buffers)[done:]
+            while data:
+                n = os.pwrite(self.fd, data, offset + done)
+                done += n
+                data = data[n:]
+
+    def punch(self, offset: int, length: int) -> None:
+        """Deallocate the range; it reads as zeroes afterwards."""
+        if self.can_punch:
+            try:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self.can_punch = False
+        self.write(offset, [bytes(length)])
+        self.bytes_punched_by_writing += length
+
+    def zero_allocated(self, offset: int, length: int) -> None:
+        """Make the range read as zeroes and keep its blocks allocated."""
+        try:
+            fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            self.write(offset, [bytes(length)])
+
+    def reserve(self, offset: int, length: int) -> None:
+        """Allocate blocks for the range so later writes cannot hit ENOSPC."""
+        fallocate(self.fd, FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def allocated_bytes(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    # --- event-loop side ------------------------------------------------------
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run one of the blocking operations on the pool."""
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self.fd >= 0:
+            os.close(self.fd)  # also drops the flock
+            self.fd = -1
