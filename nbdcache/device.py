@@ -7,13 +7,34 @@ round a trim inwards), WRITE_ZEROES makes whole pages ZERO (a hole unless
 NO_HOLE asks to keep them allocated), and BLOCK_STATUS turns the store's
 page runs into `base:allocation` extents in bytes.  Bounds, flags and
 permissions are checked before a request gets here (`protocol.check_request`).
+
+A store answers from RAM at once; when it needs the disk (a page only in the
+backing image, room that writeback must make first) it returns an asyncio
+future instead, and so does the device method: the server then replies when
+the future is done.  Pages are handed to the store in ascending order, one
+request at a time, so a store that queues keeps the client's order.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
 from nbdcache.tier import PAGE_SHIFT, PAGE_SIZE, ZERO_PAGE, PageStore
 
 _MASK = PAGE_SIZE - 1
+#: At most this many extents in one block status reply (the spec's SHOULD).
+MAX_EXTENTS = 1 << 20
+
+Buffers = list[bytes | memoryview]
+Extents = list[tuple[int, int]]
+Outcome = Buffers | Extents | None | asyncio.Future[Any]
+
+
+async def _gather(parts: Sequence[object]) -> list[Any]:
+    """`parts` with every future in it replaced by its result."""
+    return [await x if isinstance(x, asyncio.Future) else x for x in parts]
 
 
 class Device:
@@ -27,79 +48,141 @@ class Device:
         self.store = store
         self.size = size
 
-    def read(self, offset: int, length: int) -> list[bytes | memoryview]:
+    def read(self, offset: int, length: int) -> Buffers | asyncio.Future[Buffers]:
         """The bytes of [offset, offset+length) as a list of buffers."""
         if length == 0:
             return []
         load = self.store.load
         first = offset >> PAGE_SHIFT
         last = (offset + length - 1) >> PAGE_SHIFT
-        if first == last:
-            page = load(first)
-            start = offset & _MASK
-            if start == 0 and length == PAGE_SIZE:
-                return [page]
-            return [memoryview(page)[start : start + length]]
-        out: list[bytes | memoryview] = [load(p) for p in range(first, last + 1)]
-        head = offset & _MASK
-        if head:
-            out[0] = memoryview(out[0])[head:]
-        tail = (offset + length) & _MASK
-        if tail:
-            out[-1] = memoryview(out[-1])[:tail]
-        return out
+        pages = [load(p) for p in range(first, last + 1)]
+        for page in pages:
+            if isinstance(page, asyncio.Future):
+                return asyncio.ensure_future(self._read_slow(pages, offset, length))
+        return self._edges(pages, offset, length)  # type: ignore[arg-type]
 
-    def write(self, offset: int, data: memoryview) -> None:
+    async def _read_slow(self, pages: Sequence[object], offset: int, length: int) -> Buffers:
+        return self._edges(await _gather(pages), offset, length)
+
+    @staticmethod
+    def _edges(pages: Buffers, offset: int, length: int) -> Buffers:
+        head = offset & _MASK
+        tail = (offset + length) & _MASK
+        if len(pages) == 1:
+            if head or tail:
+                pages[0] = memoryview(pages[0])[head : head + length]
+            return pages
+        if head:
+            pages[0] = memoryview(pages[0])[head:]
+        if tail:
+            pages[-1] = memoryview(pages[-1])[:tail]
+        return pages
+
+    def write(self, offset: int, data: memoryview, fua: bool = False) -> Outcome:
         """Write `data` at `offset`; partial pages by read-modify-write."""
+        end = offset + len(data)
+        first = offset >> PAGE_SHIFT
+        last = (end - 1) >> PAGE_SHIFT
+        old: dict[int, object] = {}
+        if offset & _MASK:
+            old[first] = self.store.load(first)
+        if end & _MASK:
+            old[last] = self.store.load(last)
+        if any(isinstance(x, asyncio.Future) for x in old.values()):
+            # An edge page is on disk: finish the whole write once it is in,
+            # with a copy of the payload (the server reuses its buffer).
+            copy = memoryview(bytes(data))
+            return asyncio.ensure_future(self._write_slow(offset, copy, old, fua))
+        waits = self._apply(offset, data, old)  # type: ignore[arg-type]
+        if waits or fua:
+            return asyncio.ensure_future(self._settle(waits, offset, len(data), fua))
+        return None
+
+    async def _write_slow(
+        self, offset: int, data: memoryview, old: dict[int, object], fua: bool
+    ) -> None:
+        loaded = dict(zip(old, await _gather(list(old.values())), strict=True))
+        await self._settle(self._apply(offset, data, loaded), offset, len(data), fua)
+
+    def _apply(
+        self, offset: int, data: memoryview, old: dict[int, bytes | memoryview]
+    ) -> list[asyncio.Future[None]]:
+        """Store every page of the write; returns the stores that must wait."""
+        store = self.store.store
+        waits = []
         length = len(data)
         pos = 0
-        store = self.store.store
         while pos < length:
             at = offset + pos
             pgno = at >> PAGE_SHIFT
             start = at & _MASK
             n = min(PAGE_SIZE - start, length - pos)
             if n == PAGE_SIZE:
-                store(pgno, data[pos : pos + PAGE_SIZE])
+                r = store(pgno, data[pos : pos + PAGE_SIZE])
             else:
-                page = bytearray(self.store.load(pgno))
+                page = bytearray(old[pgno])
                 page[start : start + n] = data[pos : pos + n]
-                store(pgno, memoryview(page))
+                r = store(pgno, memoryview(page))
+            if r is not None:
+                waits.append(r)
             pos += n
+        return waits
 
-    def trim(self, offset: int, length: int) -> None:
+    async def _settle(
+        self, waits: Sequence[asyncio.Future[None]], offset: int, length: int, fua: bool
+    ) -> None:
+        """Wait for queued pages, then make a FUA write durable."""
+        for w in waits:
+            await w
+        if fua:
+            first = offset >> PAGE_SHIFT
+            sync = self.store.sync_pages(first, ((offset + length + _MASK) >> PAGE_SHIFT) - first)
+            if sync is not None:
+                await sync
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> Outcome:
         """Discard the whole pages inside the range; partial pages stay."""
         first = (offset + _MASK) >> PAGE_SHIFT
         end = (offset + length) >> PAGE_SHIFT
         discard = self.store.discard
         for pgno in range(first, end):
             discard(pgno)
+        if fua and end > first:
+            return self.store.sync_pages(first, end - first)
+        return None
 
-    def write_zeroes(self, offset: int, length: int, no_hole: bool) -> None:
+    def write_zeroes(self, offset: int, length: int, no_hole: bool, fua: bool = False) -> Outcome:
         """Make the range read as zeroes; whole pages become ZERO pages."""
         if length == 0:
-            return
+            return None
         end = offset + length
         first_full = (offset + _MASK) >> PAGE_SHIFT
         end_full = end >> PAGE_SHIFT
         if first_full >= end_full:  # within one or two partial pages
-            self._zero_partial(offset, end)
-            return
+            return self.write(offset, memoryview(bytes(length)), fua)
+        parts: list[Outcome] = []
         if offset & _MASK:
-            self._zero_partial(offset, first_full << PAGE_SHIFT)
+            parts.append(
+                self.write(offset, memoryview(ZERO_PAGE)[: (first_full << PAGE_SHIFT) - offset])
+            )
         zero = self.store.zero
         for pgno in range(first_full, end_full):
             zero(pgno, no_hole)
         if end & _MASK:
-            self._zero_partial(end_full << PAGE_SHIFT, end)
+            parts.append(self.write(end_full << PAGE_SHIFT, memoryview(ZERO_PAGE)[: end & _MASK]))
+        waits = [x for x in parts if isinstance(x, asyncio.Future)]
+        if waits or fua:
+            return asyncio.ensure_future(self._settle(waits, offset, length, fua))
+        return None
 
-    def _zero_partial(self, start: int, end: int) -> None:
-        while start < end:
-            n = min(PAGE_SIZE - (start & _MASK), end - start)
-            self.write(start, memoryview(ZERO_PAGE)[:n])
-            start += n
+    def flush(self) -> Outcome:
+        """Make every completed write durable (only offered by durable stores)."""
+        return self.store.flush()
 
-    def block_status(self, offset: int, length: int, req_one: bool) -> list[tuple[int, int]]:
+    def cache(self, offset: int, length: int) -> Outcome:
+        return None
+
+    def block_status(self, offset: int, length: int, req_one: bool) -> Extents:
         """`base:allocation` extents in bytes, starting at `offset`.
 
         Extents never run past the request, so each fits the 32-bit length
@@ -109,13 +192,13 @@ class Device:
         end = offset + length
         first = offset >> PAGE_SHIFT
         last = (end - 1) >> PAGE_SHIFT
-        out: list[tuple[int, int]] = []
+        out: Extents = []
         pos = offset
         for pages, flags in self.store.extents(first, last - first + 1):
             first += pages
             run_end = min(first << PAGE_SHIFT, end)
             out.append((run_end - pos, flags))
             pos = run_end
-            if req_one:
+            if req_one or len(out) == MAX_EXTENTS:
                 break
         return out

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from nbdcache import protocol as p
-from nbdcache.device import Device
+from nbdcache.device import Device, Outcome
 from nbdcache.tier import StoreError
 
 log = logging.getLogger("nbdcache.server")
@@ -109,6 +109,10 @@ class Connection(asyncio.Protocol):
         self.parser = p.RequestParser()
         self.write_paused = False
         self.closing = False
+        self.draining = False  # NBD_CMD_DISC seen: no more requests
+        self.inflight = 0  # requests waiting for the store
+        self.inflight_bytes = 0  # and the data they read or write
+        self.store_paused = False  # reading paused until those drain
 
     # --- asyncio callbacks ----------------------------------------------------
 
@@ -143,7 +147,7 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.transport is not None and not self.closing:
+        if self.transport is not None and not self.closing and not self.store_paused:
             self.transport.resume_reading()
             self._process()
 
@@ -211,7 +215,11 @@ class Connection(asyncio.Protocol):
         """Answer every complete request in the buffer, within the budget."""
         transport = self.transport
         assert transport is not None
-        while not self.write_paused and not self.closing:
+        while not (self.write_paused or self.closing or self.draining):
+            if self.inflight_bytes >= self.server.max_inflight_bytes:
+                self.store_paused = True
+                transport.pause_reading()
+                return
             requests, consumed = self.parser.parse(self.buf, self.server.max_inflight_bytes)
             if not consumed:
                 return
@@ -230,10 +238,18 @@ class Connection(asyncio.Protocol):
             if out:
                 transport.writelines(out)
             if disconnect:
-                log.debug("%s: client disconnected", self.peer)
-                self.closing = True
-                transport.close()
+                # NBD_CMD_DISC: finish what is in flight, then close.
+                self.draining = True
+                transport.pause_reading()
+                if not self.inflight:
+                    self._finish_disconnect()
                 return
+
+    def _finish_disconnect(self) -> None:
+        log.debug("%s: client disconnected", self.peer)
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
 
     def _execute(self, req: p.Request, out: list[bytes | memoryview]) -> None:
         neg = self.neg
@@ -245,44 +261,95 @@ class Connection(asyncio.Protocol):
         if error:
             self._error(req, error, out)
             return
-        type_ = req.type
         try:
-            if type_ == p.CMD_READ:
-                chunks = device.read(req.offset, req.length)
-                if not neg.structured_replies:
-                    out.append(p.simple_reply(req.cookie))
-                elif req.length:
-                    out.append(p.read_chunk_header(req.cookie, req.offset, req.length))
-                else:
-                    out.append(p.structured_done(req.cookie))
-                out.extend(chunks)
-                return
-            if type_ == p.CMD_WRITE:
-                assert req.payload is not None
-                device.write(req.offset, req.payload)
-            elif type_ == p.CMD_TRIM:
-                device.trim(req.offset, req.length)
-            elif type_ == p.CMD_WRITE_ZEROES:
-                device.write_zeroes(
-                    req.offset, req.length, no_hole=bool(req.flags & p.CMD_FLAG_NO_HOLE)
-                )
-            elif type_ == p.CMD_BLOCK_STATUS:
-                extents = device.block_status(
-                    req.offset, req.length, req_one=bool(req.flags & p.CMD_FLAG_REQ_ONE)
-                )
-                out.append(p.block_status_reply(req.cookie, neg.meta_context, extents))
-                return
-            # FLUSH (only when advertised) and CACHE have nothing left to do:
-            # every completed write is already in the store.
+            result = self._run(req, device)
+        except Exception as exc:
+            self._failed(req, exc, out)
+            return
+        if isinstance(result, asyncio.Future):
+            # The store needs the disk (or room): reply when it is done.
+            self.inflight += 1
+            self.inflight_bytes += req.length
+            pending = req._replace(payload=None)
+            result.add_done_callback(lambda fut: self._complete(pending, fut))
+            return
+        self._reply(req, result, out)
+
+    def _run(self, req: p.Request, device: Device) -> Outcome:
+        type_ = req.type
+        fua = bool(req.flags & p.CMD_FLAG_FUA)
+        if type_ == p.CMD_READ:
+            return device.read(req.offset, req.length)
+        if type_ == p.CMD_WRITE:
+            assert req.payload is not None
+            return device.write(req.offset, req.payload, fua)
+        if type_ == p.CMD_TRIM:
+            return device.trim(req.offset, req.length, fua)
+        if type_ == p.CMD_WRITE_ZEROES:
+            return device.write_zeroes(
+                req.offset, req.length, bool(req.flags & p.CMD_FLAG_NO_HOLE), fua
+            )
+        if type_ == p.CMD_BLOCK_STATUS:
+            return device.block_status(
+                req.offset, req.length, req_one=bool(req.flags & p.CMD_FLAG_REQ_ONE)
+            )
+        if type_ == p.CMD_FLUSH:
+            return device.flush()
+        return device.cache(req.offset, req.length)
+
+    def _reply(self, req: p.Request, result: object, out: list[bytes | memoryview]) -> None:
+        neg = self.neg
+        assert neg is not None
+        if req.type == p.CMD_READ:
+            assert isinstance(result, list)
+            if not neg.structured_replies:
+                out.append(p.simple_reply(req.cookie))
+            elif req.length:
+                out.append(p.read_chunk_header(req.cookie, req.offset, req.length))
+            else:
+                out.append(p.structured_done(req.cookie))
+            out.extend(result)
+        elif req.type == p.CMD_BLOCK_STATUS:
+            assert isinstance(result, list)
+            out.append(p.block_status_reply(req.cookie, neg.meta_context, result))
+        else:
             out.append(p.simple_reply(req.cookie))
-        except StoreError as exc:
+
+    def _failed(self, req: p.Request, exc: BaseException, out: list[bytes | memoryview]) -> None:
+        if isinstance(exc, StoreError):
             log.warning(
-                "%s: request %d at %d+%d failed: %s", self.peer, type_, req.offset, req.length, exc
+                "%s: request %d at %d+%d failed: %s",
+                self.peer,
+                req.type,
+                req.offset,
+                req.length,
+                exc,
             )
             self._error(req, exc.errno, out, str(exc))
-        except Exception:
-            log.exception("%s: internal error on request type %d", self.peer, type_)
+        else:
+            log.error("%s: internal error on request type %d", self.peer, req.type, exc_info=exc)
             self._error(req, p.EIO, out, "internal server error")
+
+    def _complete(self, req: p.Request, fut: asyncio.Future[object]) -> None:
+        """Reply to a request the store finished later (out of order)."""
+        self.inflight -= 1
+        self.inflight_bytes -= req.length
+        if self.closing or self.transport is None:
+            return
+        out: list[bytes | memoryview] = []
+        exc = StoreError("request cancelled") if fut.cancelled() else fut.exception()
+        if exc is not None:
+            self._failed(req, exc, out)
+        else:
+            self._reply(req, fut.result(), out)
+        self.transport.writelines(out)
+        if self.draining and not self.inflight:
+            self._finish_disconnect()
+        elif self.store_paused and self.inflight_bytes < self.server.max_inflight_bytes:
+            self.store_paused = False
+            if not self.write_paused:
+                self.transport.resume_reading()
+                self._process()
 
     def _error(
         self, req: p.Request, error: int, out: list[bytes | memoryview], message: str = ""

@@ -9,6 +9,7 @@ library: nothing in it imports network code.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Protocol
 
 PAGE_SIZE = 4096
@@ -50,25 +51,28 @@ class StoreIOError(StoreError):
 class PageStore(Protocol):
     """What the block device needs from a store of 4 KiB pages.
 
-    Every method is synchronous and called from the event loop thread.  Page
-    numbers are always in range; the device checks bounds.
+    Every method is called from the event loop thread and answers at once
+    when it can; a store with a backing image may instead return an asyncio
+    future (a page only on disk, a write waiting for room).  Page numbers are
+    always in range; the device checks bounds.
     """
 
     @property
     def page_count(self) -> int: ...
 
-    def load(self, pgno: int) -> bytes | memoryview:
+    def load(self, pgno: int) -> bytes | memoryview | asyncio.Future[bytes]:
         """Return the page's 4096 bytes (`ZERO_PAGE` for holes and zero pages).
 
-        The result is only valid until the next call that changes the store.
+        The result is immutable: later changes to the store do not alter it.
         """
 
-    def store(self, pgno: int, data: bytes | memoryview) -> None:
+    def store(self, pgno: int, data: bytes | memoryview) -> asyncio.Future[None] | None:
         """Replace the page with `data` (exactly 4096 bytes).
 
-        Raises `NoSpace` only when the page was a hole; an allocated page is
-        always overwritten or the call raises `StoreIOError`.  On any error the
-        page keeps its previous content.
+        `data` may be a view of a buffer the caller reuses: copy what you
+        keep.  Raises (or the future fails with) `NoSpace` only when the page
+        was a hole; an allocated page is always overwritten or the call fails
+        with `StoreIOError`.  On any error the page keeps its previous content.
         """
 
     def discard(self, pgno: int) -> None:
@@ -85,3 +89,12 @@ class PageStore(Protocol):
         runs cover the range from `first` but may stop short of its end (never
         past it).
         """
+
+    def flush(self) -> asyncio.Future[None] | None:
+        """Make every completed write durable (FLUSH); None when nothing to wait for."""
+
+    def sync_pages(self, first: int, count: int) -> asyncio.Future[None] | None:
+        """Make these pages durable now (FUA)."""
+
+    def stats(self) -> dict[str, int]:
+        """The store's counters, by name (see `nbdcache.metrics`)."""

@@ -60,6 +60,15 @@ class DictStore:
         self._pages.pop(pgno, None)
         self._state[pgno] = ZERO if allocate else HOLE
 
+    def flush(self) -> None:
+        return None
+
+    def sync_pages(self, first: int, count: int) -> None:
+        return None
+
+    def stats(self) -> dict[str, int]:
+        return {"pages_stored": len(self._pages), "orig_data_size": len(self._pages) * PAGE_SIZE}
+
     def extents(self, first: int, count: int) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
         stop = first + count
