@@ -17,12 +17,12 @@ from typing import Any
 
 import uvloop
 
-from nbdcache import __version__, config, protocol
-from nbdcache.device import Device
+from nbdcache import __version__, config, export, metrics
 from nbdcache.server import Export, NBDServer
-from nbdcache.tier.simple import DictStore
 
 log = logging.getLogger("nbdcache")
+
+DEFAULT_METRICS_URL = "http://127.0.0.1:10810/metrics"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,43 +46,59 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", metavar="L", help="debug, info, warning or error (default info)"
     )
+    tier = serve.add_argument_group("RAM tier")
+    tier.add_argument(
+        "--ram", metavar="SIZE", help="arena for compressed pages (default: min(size, 1G))"
+    )
+    tier.add_argument("--allocator", choices=["zsmalloc", "z3fold", "zbud"])
+    tier.add_argument("--compressor", choices=["lz4", "none"])
+    wb = serve.add_argument_group("backing image and writeback")
+    wb.add_argument("--backing", metavar="FILE", help='image path, or "none" for RAM only')
+    wb.add_argument("--durability", choices=["volatile", "durable"])
+    wb.add_argument("--exclusive-gets", choices=["off", "lazy", "eager"])
+    wb.add_argument(
+        "--writeback-high", metavar="F", type=float, help="start at this arena fraction"
+    )
+    wb.add_argument("--writeback-low", metavar="F", type=float, help="stop at this arena fraction")
+    wb.add_argument("--writeback-inflight", metavar="N", type=int, help="pages in flight at most")
+    wb.add_argument(
+        "--preallocate",
+        action="store_const",
+        const=True,
+        default=None,
+        help="reserve the whole image at start",
+    )
+    wb.add_argument("--io-threads", metavar="N", type=int, help="image I/O threads per export")
+    wb.add_argument("--data-dir", metavar="DIR", help="where scratch images live")
+    serve.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus counters here")
+    stats = sub.add_parser("stats", help="print a running server's counters")
+    stats.add_argument("--url", default=DEFAULT_METRICS_URL, help=f"default {DEFAULT_METRICS_URL}")
     return ap
 
 
+_SERVER_FLAGS = ("listen", "unix", "log_level", "io_threads", "data_dir", "metrics")
+_EXPORT_FLAGS = {
+    "name": "name",
+    "size": "size",
+    "read_only": "read_only",
+    "ram": "ram",
+    "allocator": "allocator",
+    "compressor": "compressor",
+    "backing": "backing",
+    "durability": "durability",
+    "exclusive_gets": "exclusive_gets",
+    "writeback_high": "writeback_high",
+    "writeback_low": "writeback_low",
+    "writeback_inflight": "writeback_inflight",
+    "preallocate": "preallocate",
+}
+
+
 def _overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    server = {
-        k: v
-        for k, v in {
-            "listen": args.listen,
-            "unix": args.unix,
-            "log_level": args.log_level,
-        }.items()
-        if v is not None
-    }
-    export = {
-        k: v
-        for k, v in {"name": args.name, "size": args.size, "read_only": args.read_only}.items()
-        if v is not None
-    }
+    opts = vars(args)
+    server = {k: opts[k] for k in _SERVER_FLAGS if opts.get(k) is not None}
+    export = {v: opts[k] for k, v in _EXPORT_FLAGS.items() if opts.get(k) is not None}
     return server, export
-
-
-def build_exports(cfg: config.Config) -> list[Export]:
-    exports = []
-    for e in cfg.exports:
-        flags = (
-            protocol.FLAG_HAS_FLAGS
-            | protocol.FLAG_SEND_TRIM
-            | protocol.FLAG_SEND_WRITE_ZEROES
-            | protocol.FLAG_SEND_FAST_ZERO
-            | protocol.FLAG_SEND_CACHE
-            | protocol.FLAG_CAN_MULTI_CONN
-        )
-        if e.read_only:
-            flags |= protocol.FLAG_READ_ONLY
-        info = protocol.ExportInfo(e.name, e.size, flags, e.description)
-        exports.append(Export(info, Device(DictStore(e.size // 4096), e.size)))
-    return exports
 
 
 def _attach_help(host: str, port: int, name: str) -> str:
@@ -94,9 +110,9 @@ def _attach_help(host: str, port: int, name: str) -> str:
     )
 
 
-async def _serve(cfg: config.Config) -> None:
+async def _serve(cfg: config.Config, exports: list[Export]) -> None:
     server = NBDServer(
-        build_exports(cfg),
+        exports,
         max_inflight_bytes=cfg.server.max_inflight_bytes,
         shutdown_grace=cfg.server.shutdown_grace,
     )
@@ -108,8 +124,27 @@ async def _serve(cfg: config.Config) -> None:
         if os.path.exists(cfg.server.unix):
             os.unlink(cfg.server.unix)
         await server.listen_unix(cfg.server.unix)
+    metrics_server = None
+    if cfg.server.metrics:
+        host, port = config.parse_address(cfg.server.metrics)
+        collector = metrics.StatsCollector(
+            {e.info.name: e.device.store.stats for e in exports}, server.stats
+        )
+        metrics_server = await metrics.serve_metrics(collector, host, port)
+        log.info("metrics on http://%s:%d/metrics", host, port)
     for e in cfg.exports:
-        log.info("export %r: %d bytes%s", e.name, e.size, " (read-only)" if e.read_only else "")
+        log.info(
+            "export %r: %s, RAM tier %s (%s, %s), %s%s",
+            e.name,
+            _size(e.size),
+            _size(e.ram_bytes),
+            e.allocator,
+            e.compressor,
+            f"backing image {e.backing or 'scratch'} ({e.durability})"
+            if e.has_backing
+            else "no backing image",
+            " read-only" if e.read_only else "",
+        )
     for host, port in bound:
         log.info("listening on %s port %d", host, port)
     if cfg.server.unix:
@@ -124,12 +159,34 @@ async def _serve(cfg: config.Config) -> None:
     await stop.wait()
     log.info("shutting down")
     await server.shutdown()
+    await export.close(exports)
+    if metrics_server is not None:
+        metrics_server.close()
     if cfg.server.unix and os.path.exists(cfg.server.unix):
         os.unlink(cfg.server.unix)
 
 
+def _size(n: int) -> str:
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def _stats(url: str) -> int:
+    try:
+        table = metrics.fetch(url)
+    except OSError as exc:
+        print(f"nbdcache: cannot read {url}: {exc}", file=sys.stderr)
+        return 1
+    print(metrics.format_table(table))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "stats":
+        return _stats(args.url)
     try:
         cfg = config.load(args.config, *_overrides(args))
     except config.ConfigError as exc:
@@ -140,8 +197,21 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+
+    async def run() -> None:
+        # Images are opened (and locked) inside the loop, before any socket.
+        exports = export.build(cfg)
+        try:
+            await _serve(cfg, exports)
+        except BaseException:
+            await export.close(exports)
+            raise
+
     try:
-        uvloop.run(_serve(cfg))
+        uvloop.run(run())
+    except export.ImageError as exc:
+        print(f"nbdcache: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"nbdcache: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -15,12 +15,21 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PAGE_SIZE = 4096
 DEFAULT_PORT = 10809
 DEFAULT_EXPORT = "default"
 DEFAULT_SIZE = 4 << 30
+DEFAULT_RAM = 1 << 30
+MIN_RAM = 1 << 20
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -74,12 +83,27 @@ class _Model(BaseModel):
 
 
 class ExportConfig(_Model):
-    """One export: its name, size and behaviour."""
+    """One export: its name, size, RAM tier, backing image and modes."""
 
     name: str = DEFAULT_EXPORT
     size: Size = DEFAULT_SIZE
     description: str = ""
     read_only: bool = False
+    #: Arena for compressed pages (default: the export's size, at most 1 GiB).
+    ram: Size | None = None
+    allocator: Literal["zsmalloc", "z3fold", "zbud"] = "zsmalloc"
+    compressor: Literal["lz4", "none"] = "lz4"
+    #: Path of the backing image; "none" for a RAM-only export.  Unset: a
+    #: scratch image in the data directory (volatile exports only).
+    backing: str | None = None
+    durability: Literal["volatile", "durable"] = "volatile"
+    exclusive_gets: Literal["off", "lazy", "eager"] = "off"
+    writeback_high: float = 0.90
+    writeback_low: float = 0.80
+    writeback_inflight: int = 256
+    preallocate: bool = False
+    #: Seconds a write may wait for writeback to make room before it fails.
+    writeback_wait: float = 30.0
 
     @field_validator("name")
     @classmethod
@@ -95,6 +119,55 @@ class ExportConfig(_Model):
             raise ValueError("must be a positive multiple of 4096")
         return v
 
+    @field_validator("ram")
+    @classmethod
+    def _ram(cls, v: int | None) -> int | None:
+        if v is not None and (v < MIN_RAM or v % PAGE_SIZE):
+            raise ValueError("must be a multiple of 4096 and at least 1M")
+        return v
+
+    @field_validator("writeback_high", "writeback_low")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError("must be a fraction between 0 and 1")
+        return v
+
+    @field_validator("writeback_inflight")
+    @classmethod
+    def _inflight(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("writeback_wait")
+    @classmethod
+    def _wait(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _modes(self) -> ExportConfig:
+        if self.writeback_low >= self.writeback_high:
+            raise ValueError("writeback_low must be below writeback_high")
+        if self.backing == "none":
+            if self.durability == "durable":
+                raise ValueError("durability = durable needs a backing image")
+            if self.exclusive_gets == "eager":
+                raise ValueError("exclusive_gets = eager needs a backing image")
+        elif self.backing is None and self.durability == "durable":
+            raise ValueError("durability = durable needs a backing image path (backing)")
+        return self
+
+    @property
+    def ram_bytes(self) -> int:
+        return self.ram if self.ram is not None else min(self.size, DEFAULT_RAM)
+
+    @property
+    def has_backing(self) -> bool:
+        return self.backing != "none"
+
 
 class ServerConfig(_Model):
     """Listeners and process-wide settings."""
@@ -104,8 +177,28 @@ class ServerConfig(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: Seconds connections get to finish after SIGTERM/SIGINT.
     shutdown_grace: float = 2.0
-    #: Requests per connection parsed ahead of their replies being sent.
+    #: Data of requests per connection in flight before it stops reading.
     max_inflight_bytes: Size = 64 << 20
+    #: Where scratch images of volatile exports live.
+    data_dir: str = "/var/tmp/nbdcache"
+    #: Threads doing image I/O, per export.
+    io_threads: int = 4
+    #: HOST:PORT for the Prometheus endpoint; unset: none.
+    metrics: str | None = None
+
+    @field_validator("io_threads")
+    @classmethod
+    def _threads(cls, v: int) -> int:
+        if not 1 <= v <= 256:
+            raise ValueError("must be between 1 and 256")
+        return v
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_address(v)
+        return v
 
     @field_validator("listen")
     @classmethod

@@ -53,6 +53,8 @@ class NBDServer:
         self.shutdown_grace = shutdown_grace
         self.shutting_down = False
         self.connections: set[Connection] = set()
+        self.connections_total = 0
+        self.connections_dropped = 0  # for breaking the protocol or by us
         self._listeners: list[asyncio.base_events.Server] = []
         self._all_closed = asyncio.Event()
         self._all_closed.set()
@@ -70,7 +72,15 @@ class NBDServer:
         srv = await loop.create_unix_server(lambda: Connection(self), path, backlog=512)
         self._listeners.append(srv)
 
+    def stats(self) -> dict[str, int]:
+        return {
+            "connections": len(self.connections),
+            "connections_total": self.connections_total,
+            "connections_dropped_total": self.connections_dropped,
+        }
+
     def _register(self, conn: Connection) -> None:
+        self.connections_total += 1
         self.connections.add(conn)
         self._all_closed.clear()
 
@@ -178,6 +188,7 @@ class Connection(asyncio.Protocol):
     def abort(self, reason: str) -> None:
         if not self.closing:
             log.info("%s: dropping connection: %s", self.peer, reason)
+            self.server.connections_dropped += 1
         self.closing = True
         if self.transport is not None:
             self.transport.abort()

@@ -1,0 +1,663 @@
+"""Writeback: the RAM tier in front of a backing image.
+
+`WritebackStore` is the `PageStore` of an export with a backing image.  It
+owns what the RAM tier does not know: whether the image agrees with each
+page, which pages have image I/O in flight, the watermarks that start and
+stop eviction, exclusive gets, capacity reservations, backpressure and
+durability.
+
+Per page, beside the RAM tier's state and handle, it keeps one `img` byte
+and a 16-bit generation (12 bytes a page in all, under the 16-byte budget):
+
+- ``IMG_NONE``: the image has no blocks for the page (a hole, never
+  reserved).  A first write must reserve them (`fallocate`) before it is
+  acknowledged, so that only that write can get ENOSPC (spec,
+  `base:allocation`).
+- ``IMG_CLEAN``: the image holds exactly what the page table says.
+- ``IMG_DIRTY``: the image is behind: it must get the page's data, a punched
+  hole (TRIM), zeroes (WRITE_ZEROES with NO_HOLE) or the same-filled pattern.
+
+Every change to a page bumps its generation.  An image write records the
+generation it carried; when it completes, the page becomes clean (and, for an
+eviction, its RAM copy is released) only if the generation is unchanged, so
+a page rewritten while its old copy was in flight keeps its newest data.
+Likewise a read-fill from the image is promoted into RAM only if the page did
+not change meanwhile.  At most one image I/O per page is in flight (`busy`),
+so the thread pool can never reorder two writes of one page.
+
+Policy (zcache's "adequate policy for writeback"): eviction starts when the
+arena's frames in use reach the high watermark and stops at the low one; it
+takes the coldest pages of the allocator's LRU (whole frames for zbud and
+z3fold), writes runs of adjacent pages with one `pwritev`, and keeps at most
+`inflight` pages in flight.  Clean pages are released without I/O.  Pages
+that left RAM dirty (trimmed, zeroed, same-filled) are brought to the image
+in the background, adjacent ones merged into one `fallocate`.
+
+Backpressure: a write that finds the arena full waits, in arrival order,
+behind any earlier waiting write, until writeback makes room; past
+`wait_timeout` it fails with EIO.  A failed image write leaves the page dirty
+in RAM; writeback backs off and retries.
+
+Exclusive gets: ``off`` promotes pages read from the image into RAM as clean
+(when below the high watermark); ``lazy`` moves a page read from RAM to the
+cold end of the LRU; ``eager`` releases the RAM copy right after the read
+(after writing it back if it was dirty).
+
+Incompressible pages: the RAM tier keeps them raw; here they are made cold at
+once, so they are the first written back: they reach the image through the
+same single write path as every other page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from array import array
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Final
+
+from nbdcache.backing import BackingImage
+from nbdcache.tier import (
+    DISK,
+    HOLE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    RAM,
+    SAME,
+    ZERO,
+    NoSpace,
+    StoreError,
+    StoreIOError,
+)
+from nbdcache.tier.arena import ArenaFull
+from nbdcache.tier.codec import expand_word
+from nbdcache.tier.ram import RamTier
+
+log = logging.getLogger("nbdcache.writeback")
+
+IMG_NONE: Final = 0
+IMG_CLEAN: Final = 1
+IMG_DIRTY: Final = 2
+
+EXCLUSIVE_GETS: Final = ("off", "lazy", "eager")
+_DIRTY_RUN: Final = re.compile(b"\x02+")
+_RETRY_DELAY: Final = 0.5  # seconds before writeback retries after an I/O error
+_FLUSH_CHUNK: Final = 1 << 16  # pages examined per step of a flush
+
+
+@dataclass(frozen=True)
+class WritebackPolicy:
+    """The tunables, as plain values."""
+
+    high: float = 0.90  # fraction of arena frames that starts eviction
+    low: float = 0.80  # ... and stops it
+    inflight: int = 256  # pages of image I/O in flight at most
+    batch: int = 64  # pages taken from the LRU per round
+    exclusive_gets: str = "off"
+    durable: bool = False
+    wait_timeout: float = 30.0  # seconds a write may wait for room
+
+
+@dataclass
+class _Waiter:
+    """A store queued for room or a reservation."""
+
+    pgno: int
+    data: bytes
+    future: asyncio.Future[None]
+    since: float = field(default_factory=time.monotonic)
+
+
+def runs(pages: list[int]) -> Iterator[tuple[int, int]]:
+    """(first, count) of each run of consecutive page numbers (input sorted)."""
+    i = 0
+    n = len(pages)
+    while i < n:
+        j = i + 1
+        while j < n and pages[j] == pages[j - 1] + 1:
+            j += 1
+        yield pages[i], j - i
+        i = j
+
+
+class WritebackStore:
+    """A `PageStore`: a RAM tier in front of a backing image."""
+
+    def __init__(self, ram: RamTier, image: BackingImage, policy: WritebackPolicy) -> None:
+        if policy.exclusive_gets not in EXCLUSIVE_GETS:
+            raise ValueError(f"exclusive_gets must be one of {EXCLUSIVE_GETS}")
+        if not 0 < policy.low < policy.high <= 1:
+            raise ValueError("writeback watermarks need 0 < low < high <= 1")
+        self.ram = ram
+        self.image = image
+        self.policy = policy
+        n = ram.page_count
+        self.img = bytearray(n)
+        self.gen = array("H", bytes(2 * n))
+        self.busy: dict[int, asyncio.Future[None]] = {}
+        self.reads: dict[int, asyncio.Future[bytes]] = {}
+        self.waiters: deque[_Waiter] = deque()
+        self.evicting = False
+        self.offram_dirty = False  # some page left RAM dirty: the image needs updating
+        self.inflight = 0
+        self.frames = ram.arena.frame_count
+        self._high = max(1, int(self.frames * policy.high))
+        self._low = int(self.frames * policy.low)
+        self._backoff_until = 0.0
+        self._scheduled = False
+        self._reserving = False
+        self._closed = False
+        # Counters.
+        self.pages_written_back = 0
+        self.writeback_batches = 0
+        self.writeback_errors = 0
+        self.pages_read_from_image = 0
+        self.pages_promoted = 0
+        self.exclusive_releases = 0
+        self.pages_punched = 0
+        self.writes_waited = 0  # queued for room (backpressure) or a reservation
+        self.write_wait_ns = 0
+        self.reservation_failures = 0
+        self.flushes = 0
+
+    # --- start-up -------------------------------------------------------------
+
+    def adopt_image(self, preallocated: bool) -> None:
+        """Start from the image's content (durable mode) or its reservation.
+
+        Data regions of the image become DISK pages (clean); holes stay
+        holes.  With `preallocated`, every page's blocks exist already.
+        """
+        fd = self.image.fd
+        size = self.image.size
+        state = self.ram.table.state
+        if preallocated:
+            self.img[:] = bytes([IMG_CLEAN]) * len(self.img)
+        if not self.policy.durable:
+            return
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            first, last = start >> PAGE_SHIFT, (end + PAGE_SIZE - 1) >> PAGE_SHIFT
+            state[first:last] = bytes([DISK]) * (last - first)
+            self.img[first:last] = bytes([IMG_CLEAN]) * (last - first)
+            pos = end
+
+    # --- PageStore ------------------------------------------------------------
+
+    @property
+    def page_count(self) -> int:
+        return self.ram.page_count
+
+    def load(self, pgno: int) -> bytes | memoryview | asyncio.Future[bytes]:
+        ram = self.ram
+        state = ram.state(pgno)
+        if state != DISK:
+            data = ram.load(pgno)
+            if state == RAM:
+                mode = self.policy.exclusive_gets
+                if mode == "lazy":
+                    ram.make_cold(pgno)
+                elif mode == "eager":
+                    self._release_after_read(pgno)
+            return data
+        fut = self.reads.get(pgno)
+        if fut is None:
+            fut = self._read_fill(pgno)
+        return fut
+
+    def store(self, pgno: int, data: bytes | memoryview) -> asyncio.Future[None] | None:
+        self.gen[pgno] = (self.gen[pgno] + 1) & 0xFFFF
+        if self.waiters or self.img[pgno] == IMG_NONE:
+            return self._enqueue(pgno, data)
+        try:
+            self._store_now(pgno, data)
+        except ArenaFull:
+            return self._enqueue(pgno, data)
+        return None
+
+    def discard(self, pgno: int) -> None:
+        self.gen[pgno] = (self.gen[pgno] + 1) & 0xFFFF
+        self.ram.discard(pgno)
+        if self.img[pgno] != IMG_NONE:
+            self.img[pgno] = IMG_DIRTY
+            self._offram_changed()
+
+    def zero(self, pgno: int, allocate: bool) -> None:
+        self.gen[pgno] = (self.gen[pgno] + 1) & 0xFFFF
+        self.ram.zero(pgno, allocate)
+        if self.img[pgno] != IMG_NONE or allocate:
+            self.img[pgno] = IMG_DIRTY
+            self._offram_changed()
+
+    def extents(self, first: int, count: int) -> list[tuple[int, int]]:
+        return self.ram.extents(first, count)
+
+    def flush(self) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self._flush(None))
+
+    def sync_pages(self, first: int, count: int) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self._flush(range(first, first + count)))
+
+    # --- writes ---------------------------------------------------------------
+
+    def _store_now(self, pgno: int, data: bytes | memoryview) -> None:
+        """Store in RAM (raises ArenaFull); the image is now behind."""
+        ram = self.ram
+        huge = ram.huge_pages
+        ram.store(pgno, data)
+        self.img[pgno] = IMG_DIRTY
+        if ram.state(pgno) != RAM:
+            self._offram_changed()
+        elif ram.huge_pages > huge:
+            ram.make_cold(pgno)  # incompressible: first to go to the image
+        if ram.arena.frames_used >= self._high:
+            self._schedule()
+
+    def _enqueue(self, pgno: int, data: bytes | memoryview) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(pgno, bytes(data), loop.create_future())
+        self.waiters.append(waiter)
+        self.writes_waited += 1
+        loop.call_later(self.policy.wait_timeout, self._expire, waiter)
+        self._pump_waiters()
+        return waiter.future
+
+    def _pump_waiters(self) -> None:
+        """Store queued writes in order while there is room and a reservation."""
+        waiters = self.waiters
+        while waiters:
+            w = waiters[0]
+            if w.future.done():  # expired
+                waiters.popleft()
+                continue
+            if self.img[w.pgno] == IMG_NONE:
+                self._reserve()
+                return
+            try:
+                self._store_now(w.pgno, w.data)
+            except ArenaFull:
+                self.evicting = True
+                self._schedule()
+                return
+            except StoreError as exc:
+                waiters.popleft()
+                w.future.set_exception(exc)
+                continue
+            waiters.popleft()
+            self.write_wait_ns += int((time.monotonic() - w.since) * 1e9)
+            w.future.set_result(None)
+
+    def _expire(self, waiter: _Waiter) -> None:
+        if not waiter.future.done():
+            waiter.future.set_exception(
+                StoreIOError(
+                    f"page {waiter.pgno}: no room in the RAM tier after "
+                    f"{self.policy.wait_timeout:g} s (writeback cannot keep up or is failing)"
+                )
+            )
+            self.write_wait_ns += int(self.policy.wait_timeout * 1e9)
+
+    def _reserve(self) -> None:
+        """Reserve image blocks for every queued page that has none, in one job."""
+        if self._reserving:
+            return
+        pages = sorted({w.pgno for w in self.waiters if self.img[w.pgno] == IMG_NONE})
+        self._reserving = True
+        fut = self.image.submit(self._reserve_blocking, pages)
+        fut.add_done_callback(lambda f: self._reserved(pages, f))
+
+    def _reserve_blocking(self, pages: list[int]) -> list[int]:
+        """Reserve runs of pages; returns the pages that could not be reserved."""
+        failed: list[int] = []
+        for first, count in runs(pages):
+            try:
+                self.image.reserve(first << PAGE_SHIFT, count << PAGE_SHIFT)
+            except OSError:
+                # Fall back page by page so every page that fits gets in.
+                for pgno in range(first, first + count):
+                    try:
+                        self.image.reserve(pgno << PAGE_SHIFT, PAGE_SIZE)
+                    except OSError:
+                        failed.append(pgno)
+        return failed
+
+    def _reserved(self, pages: list[int], fut: asyncio.Future[list[int]]) -> None:
+        self._reserving = False
+        if self._closed:
+            return
+        exc = fut.exception()
+        failed = set(pages) if exc is not None else set(fut.result())
+        for pgno in pages:
+            if pgno not in failed and self.img[pgno] == IMG_NONE:
+                self.img[pgno] = IMG_CLEAN  # blocks exist, content still a hole
+        if failed:
+            self.reservation_failures += len(failed)
+            keep: deque[_Waiter] = deque()
+            for w in self.waiters:
+                if w.pgno in failed and self.img[w.pgno] == IMG_NONE:
+                    if not w.future.done():
+                        w.future.set_exception(
+                            NoSpace(f"backing image is full: no room for page {w.pgno}")
+                        )
+                else:
+                    keep.append(w)
+            self.waiters = keep
+        self._pump_waiters()
+
+    # --- reads ----------------------------------------------------------------
+
+    def _read_fill(self, pgno: int) -> asyncio.Future[bytes]:
+        gen = self.gen[pgno]
+        fut = self.image.submit(self.image.read, pgno << PAGE_SHIFT, PAGE_SIZE)
+        self.reads[pgno] = fut
+        self.busy[pgno] = fut  # type: ignore[assignment]
+        self.pages_read_from_image += 1
+        fut.add_done_callback(lambda f: self._filled(pgno, gen, f))
+        return fut
+
+    def _filled(self, pgno: int, gen: int, fut: asyncio.Future[bytes]) -> None:
+        self.reads.pop(pgno, None)
+        self.busy.pop(pgno, None)
+        if fut.cancelled() or fut.exception() is not None or self._closed:
+            return
+        if (
+            self.policy.exclusive_gets == "off"
+            and self.gen[pgno] == gen
+            and self.ram.state(pgno) == DISK
+            and self.ram.arena.frames_used < self._low
+            and not self.waiters
+        ):
+            try:
+                self.ram.store(pgno, fut.result())
+            except (ArenaFull, StoreError):
+                return
+            self.img[pgno] = IMG_CLEAN
+            self.pages_promoted += 1
+        self._schedule()
+
+    def _release_after_read(self, pgno: int) -> None:
+        """Exclusive get: the client holds the page now; free the RAM copy."""
+        if pgno in self.busy:
+            return
+        if self.img[pgno] == IMG_CLEAN:
+            self.ram.release(pgno)
+            self.exclusive_releases += 1
+        else:
+            self._write_run([pgno], release=True)
+
+    # --- writeback ------------------------------------------------------------
+
+    def _offram_changed(self) -> None:
+        self.offram_dirty = True
+        self._schedule(later=True)
+
+    def _schedule(self, later: bool = False) -> None:
+        if self._scheduled or self._closed:
+            return
+        self._scheduled = True
+        loop = asyncio.get_running_loop()
+        if later:
+            loop.call_later(0.05, self._run)
+        else:
+            loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        """One round of policy: evict to the low watermark, clean off-RAM pages."""
+        self._scheduled = False
+        if self._closed:
+            return
+        now = time.monotonic()
+        if now < self._backoff_until:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(self._backoff_until - now, self._run)
+            return
+        used = self.ram.arena.frames_used
+        if used >= self._high or (self.waiters and self.evicting):
+            self.evicting = True
+        if self.evicting and used <= self._low and not self.waiters:
+            self.evicting = False
+        if self.evicting:
+            self._evict()
+        if self.offram_dirty and self.inflight < self.policy.inflight:
+            self._clean_offram()
+
+    def _evict(self) -> None:
+        budget = self.policy.inflight - self.inflight
+        if budget <= 0:
+            return
+        want = min(self.policy.batch, budget)
+        candidates = self.ram.coldest_pages(want + len(self.busy))
+        dirty: list[int] = []
+        released = 0
+        for pgno in candidates:
+            if pgno in self.busy or self.ram.state(pgno) != RAM:
+                continue
+            if self.img[pgno] == IMG_CLEAN:
+                self.ram.release(pgno)
+                released += 1
+            else:
+                dirty.append(pgno)
+            if len(dirty) + released >= want:
+                break
+        if not dirty and not released:
+            if self.ram.compact():
+                self._schedule()
+            return
+        dirty.sort()
+        for first, count in runs(dirty):
+            self._write_run(list(range(first, first + count)), release=True)
+        if released:
+            self._pump_waiters()
+            self._schedule()
+        self.writeback_batches += 1
+
+    def _write_run(self, pages: list[int], release: bool) -> asyncio.Future[None]:
+        """Write consecutive RAM pages to the image with one pwritev."""
+        data = [self.ram.load(p) for p in pages]
+        gens = [self.gen[p] for p in pages]
+        fut = self.image.submit(self.image.write, pages[0] << PAGE_SHIFT, [bytes(d) for d in data])
+        self._track(pages, fut)
+        fut.add_done_callback(lambda f: self._written(pages, gens, release, f))
+        return fut
+
+    def _track(self, pages: list[int], fut: asyncio.Future[None]) -> None:
+        for p in pages:
+            self.busy[p] = fut
+        self.inflight += len(pages)
+
+    def _untrack(self, pages: list[int]) -> None:
+        for p in pages:
+            self.busy.pop(p, None)
+        self.inflight -= len(pages)
+
+    def _written(
+        self, pages: list[int], gens: list[int], release: bool, fut: asyncio.Future[None]
+    ) -> None:
+        self._untrack(pages)
+        if self._closed:
+            return
+        if fut.cancelled() or fut.exception() is not None:
+            self._io_failed("write", pages, fut)
+            return
+        ram = self.ram
+        for pgno, gen in zip(pages, gens, strict=True):
+            if self.gen[pgno] != gen:
+                continue  # rewritten meanwhile: the new data stays dirty in RAM
+            self.img[pgno] = IMG_CLEAN
+            self.pages_written_back += 1
+            if release and ram.state(pgno) == RAM:
+                ram.release(pgno)
+                if self.policy.exclusive_gets == "eager":
+                    self.exclusive_releases += 1
+        self._pump_waiters()
+        self._schedule()
+
+    def _io_failed(self, what: str, pages: list[int], fut: asyncio.Future[None]) -> None:
+        self.writeback_errors += 1
+        exc = None if fut.cancelled() else fut.exception()
+        log.error(
+            "image %s of pages %d-%d failed: %s; pages stay dirty, retrying in %.1f s",
+            what,
+            pages[0],
+            pages[-1],
+            exc,
+            _RETRY_DELAY,
+        )
+        self._backoff_until = time.monotonic() + _RETRY_DELAY
+        self._schedule()
+
+    def _dirty_offram(self, limit: int) -> list[int]:
+        """Up to `limit` dirty pages that are not in RAM and have no I/O in flight."""
+        state = self.ram.table.state
+        out: list[int] = []
+        for m in _DIRTY_RUN.finditer(self.img):
+            for pgno in range(m.start(), m.end()):
+                if state[pgno] != RAM and pgno not in self.busy:
+                    out.append(pgno)
+                    if len(out) >= limit:
+                        return out
+        return out
+
+    def _clean_offram(self) -> None:
+        """Punch, zero or pattern-fill dirty pages that left RAM."""
+        budget = max(1, self.policy.inflight - self.inflight)
+        pages = self._dirty_offram(budget * 16)
+        if len(pages) < budget * 16:
+            self.offram_dirty = False
+        self._issue(pages)
+
+    def _image_op(self, st: int, pages: list[int]) -> asyncio.Future[None]:
+        image = self.image
+        offset, length = pages[0] << PAGE_SHIFT, len(pages) << PAGE_SHIFT
+        if st == HOLE:
+            fut = image.submit(image.punch, offset, length)
+        elif st == ZERO:
+            fut = image.submit(image.zero_allocated, offset, length)
+        else:
+            assert st == SAME
+            data = [expand_word(self.ram.table.handle[p]) for p in pages]
+            fut = image.submit(image.write, offset, data)
+        gens = [self.gen[p] for p in pages]
+        self._track(pages, fut)
+
+        def done(f: asyncio.Future[None]) -> None:
+            self._untrack(pages)
+            if self._closed:
+                return
+            if f.cancelled() or f.exception() is not None:
+                self._io_failed("update", pages, f)
+                self.offram_dirty = True
+                return
+            for pgno, gen in zip(pages, gens, strict=True):
+                if self.gen[pgno] == gen:
+                    self.img[pgno] = IMG_NONE if st == HOLE else IMG_CLEAN
+            if st == HOLE:
+                self.pages_punched += len(pages)
+            self._schedule(later=self.offram_dirty)
+
+        fut.add_done_callback(done)
+        return fut
+
+    # --- durability -----------------------------------------------------------
+
+    async def _flush(self, only: range | None) -> None:
+        """Write every page dirty now (of `only`) to the image, then fdatasync.
+
+        Works through the image map in chunks; within a chunk each dirty page
+        is written once by the flush itself (so pages rewritten meanwhile
+        cannot keep it going), after waiting for any older I/O on it.
+        """
+        self.flushes += 1
+        start, stop = (only.start, only.stop) if only else (0, len(self.img))
+        failed = False
+        pos = start
+        while pos < stop and not failed:
+            chunk_end = min(stop, pos + _FLUSH_CHUNK)
+            todo = [
+                p
+                for m in _DIRTY_RUN.finditer(self.img, pos, chunk_end)
+                for p in range(m.start(), m.end())
+            ]
+            pos = chunk_end
+            while todo and not failed:
+                waits = {self.busy[p] for p in todo if p in self.busy}
+                free = [p for p in todo if p not in self.busy and self.img[p] == IMG_DIRTY]
+                todo = [p for p in todo if p in self.busy]
+                results = await asyncio.gather(*self._issue(free), return_exceptions=True)
+                failed = any(isinstance(r, BaseException) for r in results)
+                await asyncio.gather(*waits, return_exceptions=True)
+                todo = [p for p in todo if self.img[p] == IMG_DIRTY]
+        if failed:
+            raise StoreIOError("flush: the backing image refused a write")
+        try:
+            await self.image.submit(self.image.sync)
+        except OSError as exc:
+            raise StoreIOError(f"flush: fdatasync failed: {exc.strerror}") from None
+
+    def _issue(self, pages: list[int]) -> list[asyncio.Future[None]]:
+        """Bring these dirty, idle pages to the image (RAM pages stay in RAM)."""
+        state = self.ram.table.state
+        groups: dict[int, list[int]] = {}
+        for pgno in sorted(pages):
+            groups.setdefault(state[pgno], []).append(pgno)
+        futures = []
+        for st, group in groups.items():
+            for first, count in runs(group):
+                run = list(range(first, first + count))
+                if st == RAM:
+                    futures.append(self._write_run(run, release=False))
+                else:
+                    futures.append(self._image_op(st, run))
+        return futures
+
+    async def close(self) -> None:
+        """Durable: write back everything and sync; then stop and close the image."""
+        if self.policy.durable:
+            try:
+                while _DIRTY_RUN.search(self.img):
+                    await self._flush(None)
+            except StoreError as exc:
+                log.error("could not write back every page at shutdown: %s", exc)
+        for w in self.waiters:
+            if not w.future.done():
+                w.future.set_exception(StoreIOError("server shutting down"))
+        pending = list(set(self.busy.values()))
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._closed = True
+        self.image.close()
+
+    # --- operator's view ------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        out = self.ram.stats()
+        out.update(
+            {
+                "pages_written_back_total": self.pages_written_back,
+                "writeback_batches_total": self.writeback_batches,
+                "writeback_errors_total": self.writeback_errors,
+                "writeback_inflight": self.inflight,
+                "dirty_pages": self.img.count(IMG_DIRTY),
+                "pages_read_from_image_total": self.pages_read_from_image,
+                "pages_promoted_total": self.pages_promoted,
+                "exclusive_releases_total": self.exclusive_releases,
+                "pages_punched_total": self.pages_punched,
+                "writes_waited_total": self.writes_waited,
+                "write_wait_ms_total": self.write_wait_ns // 1_000_000,
+                "writes_waiting": len(self.waiters),
+                "reservation_failures_total": self.reservation_failures,
+                "flushes_total": self.flushes,
+                "image_allocated_bytes": self.image.allocated_bytes(),
+            }
+        )
+        return out
