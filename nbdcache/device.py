@@ -79,36 +79,14 @@ class Device:
         return pages
 
     def write(self, offset: int, data: memoryview, fua: bool = False) -> Outcome:
-        """Write `data` at `offset`; partial pages by read-modify-write."""
-        end = offset + len(data)
-        first = offset >> PAGE_SHIFT
-        last = (end - 1) >> PAGE_SHIFT
-        old: dict[int, object] = {}
-        if offset & _MASK:
-            old[first] = self.store.load(first)
-        if end & _MASK:
-            old[last] = self.store.load(last)
-        if any(isinstance(x, asyncio.Future) for x in old.values()):
-            # An edge page is on disk: finish the whole write once it is in,
-            # with a copy of the payload (the server reuses its buffer).
-            copy = memoryview(bytes(data))
-            return asyncio.ensure_future(self._write_slow(offset, copy, old, fua))
-        waits = self._apply(offset, data, old)  # type: ignore[arg-type]
-        if waits or fua:
-            return asyncio.ensure_future(self._settle(waits, offset, len(data), fua))
-        return None
+        """Write `data` at `offset`; the store patches partial pages.
 
-    async def _write_slow(
-        self, offset: int, data: memoryview, old: dict[int, object], fua: bool
-    ) -> None:
-        loaded = dict(zip(old, await _gather(list(old.values())), strict=True))
-        await self._settle(self._apply(offset, data, loaded), offset, len(data), fua)
-
-    def _apply(
-        self, offset: int, data: memoryview, old: dict[int, bytes | memoryview]
-    ) -> list[asyncio.Future[None]]:
-        """Store every page of the write; returns the stores that must wait."""
+        Partial pages are patched by the store, not read here and written
+        back, so two writes to different bytes of one page never undo each
+        other, even when the store has to queue them.
+        """
         store = self.store.store
+        patch = self.store.patch
         waits = []
         length = len(data)
         pos = 0
@@ -120,13 +98,13 @@ class Device:
             if n == PAGE_SIZE:
                 r = store(pgno, data[pos : pos + PAGE_SIZE])
             else:
-                page = bytearray(old[pgno])
-                page[start : start + n] = data[pos : pos + n]
-                r = store(pgno, memoryview(page))
+                r = patch(pgno, start, data[pos : pos + n])
             if r is not None:
                 waits.append(r)
             pos += n
-        return waits
+        if waits or fua:
+            return asyncio.ensure_future(self._settle(waits, offset, length, fua))
+        return None
 
     async def _settle(
         self, waits: Sequence[asyncio.Future[None]], offset: int, length: int, fua: bool

@@ -75,6 +75,15 @@ class PageStore(Protocol):
         with `StoreIOError`.  On any error the page keeps its previous content.
         """
 
+    def patch(self, pgno: int, start: int, data: bytes | memoryview) -> asyncio.Future[None] | None:
+        """Write `data` into the page at byte `start` (a partial page).
+
+        The rest of the page keeps its content *as of when the patch is
+        applied*: a store that queues writes applies patches in order, so
+        writes to different bytes of a page never undo each other.  Errors
+        as for `store`.
+        """
+
     def discard(self, pgno: int) -> None:
         """Make the page a hole (TRIM): frees its storage; reads zeroes."""
 

@@ -43,7 +43,7 @@ class DictStore:
     def load(self, pgno: int) -> bytes:
         return self._pages.get(pgno, ZERO_PAGE)
 
-    def store(self, pgno: int, data: bytes | memoryview) -> None:
+    def store(self, pgno: int, data: bytes | bytearray | memoryview) -> None:
         if len(data) != PAGE_SIZE:
             raise ValueError("a page is 4096 bytes")
         if data == ZERO_PAGE:
@@ -51,6 +51,11 @@ class DictStore:
             return
         self._pages[pgno] = bytes(data)
         self._state[pgno] = RAM
+
+    def patch(self, pgno: int, start: int, data: bytes | memoryview) -> None:
+        page = bytearray(self.load(pgno))
+        page[start : start + len(data)] = data
+        self.store(pgno, page)
 
     def discard(self, pgno: int) -> None:
         self._pages.pop(pgno, None)

@@ -88,6 +88,8 @@ EXCLUSIVE_GETS: Final = ("off", "lazy", "eager")
 _DIRTY_RUN: Final = re.compile(b"\x02+")
 _RETRY_DELAY: Final = 0.5  # seconds before writeback retries after an I/O error
 _FLUSH_CHUNK: Final = 1 << 16  # pages examined per step of a flush
+_REGION_SHIFT: Final = 9  # reservations cover 512-page (2 MiB) regions
+_UNRESERVED_RUN: Final = re.compile(b"\x00+")
 
 
 @dataclass(frozen=True)
@@ -105,11 +107,13 @@ class WritebackPolicy:
 
 @dataclass
 class _Waiter:
-    """A store queued for room or a reservation."""
+    """A write queued for room, a reservation or (a patch) the page's old content."""
 
     pgno: int
     data: bytes
+    start: int  # -1: a whole page; else a patch at this byte
     future: asyncio.Future[None]
+    base: bytes | None = None  # a patched DISK page's content, once read
     since: float = field(default_factory=time.monotonic)
 
 
@@ -216,13 +220,23 @@ class WritebackStore:
         return fut
 
     def store(self, pgno: int, data: bytes | memoryview) -> asyncio.Future[None] | None:
-        self.gen[pgno] = (self.gen[pgno] + 1) & 0xFFFF
         if self.waiters or self.img[pgno] == IMG_NONE:
-            return self._enqueue(pgno, data)
+            return self._enqueue(pgno, data, -1)
         try:
             self._store_now(pgno, data)
         except ArenaFull:
-            return self._enqueue(pgno, data)
+            return self._enqueue(pgno, data, -1)
+        return None
+
+    def patch(self, pgno: int, start: int, data: bytes | memoryview) -> asyncio.Future[None] | None:
+        if self.waiters or self.img[pgno] == IMG_NONE or self.ram.state(pgno) == DISK:
+            return self._enqueue(pgno, data, start)
+        page = bytearray(self.ram.load(pgno))
+        page[start : start + len(data)] = data
+        try:
+            self._store_now(pgno, page)
+        except ArenaFull:
+            return self._enqueue(pgno, data, start)
         return None
 
     def discard(self, pgno: int) -> None:
@@ -250,11 +264,12 @@ class WritebackStore:
 
     # --- writes ---------------------------------------------------------------
 
-    def _store_now(self, pgno: int, data: bytes | memoryview) -> None:
+    def _store_now(self, pgno: int, data: bytes | bytearray | memoryview) -> None:
         """Store in RAM (raises ArenaFull); the image is now behind."""
         ram = self.ram
         huge = ram.huge_pages
-        ram.store(pgno, data)
+        ram.store(pgno, data if isinstance(data, bytes | memoryview) else memoryview(data))
+        self.gen[pgno] = (self.gen[pgno] + 1) & 0xFFFF
         self.img[pgno] = IMG_DIRTY
         if ram.state(pgno) != RAM:
             self._offram_changed()
@@ -263,9 +278,9 @@ class WritebackStore:
         if ram.arena.frames_used >= self._high:
             self._schedule()
 
-    def _enqueue(self, pgno: int, data: bytes | memoryview) -> asyncio.Future[None]:
+    def _enqueue(self, pgno: int, data: bytes | memoryview, start: int) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(pgno, bytes(data), loop.create_future())
+        waiter = _Waiter(pgno, bytes(data), start, loop.create_future())
         self.waiters.append(waiter)
         self.writes_waited += 1
         loop.call_later(self.policy.wait_timeout, self._expire, waiter)
@@ -283,8 +298,17 @@ class WritebackStore:
             if self.img[w.pgno] == IMG_NONE:
                 self._reserve()
                 return
+            data: bytes | bytearray = w.data
+            if w.start >= 0:
+                if self.ram.state(w.pgno) == DISK and w.base is None:
+                    self._fetch_base(w)
+                    return
+                base = w.base if self.ram.state(w.pgno) == DISK else self.ram.load(w.pgno)
+                assert base is not None
+                data = bytearray(base)
+                data[w.start : w.start + len(w.data)] = w.data
             try:
-                self._store_now(w.pgno, w.data)
+                self._store_now(w.pgno, data)
             except ArenaFull:
                 self.evicting = True
                 self._schedule()
@@ -297,6 +321,22 @@ class WritebackStore:
             self.write_wait_ns += int((time.monotonic() - w.since) * 1e9)
             w.future.set_result(None)
 
+    def _fetch_base(self, w: _Waiter) -> None:
+        """Read a patched page's old content from the image; pump again when in."""
+        fut = self.reads.get(w.pgno)
+        if fut is None:
+            fut = self._read_fill(w.pgno)
+
+        def got(f: asyncio.Future[bytes]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                if not w.future.done():
+                    w.future.set_exception(StoreIOError(f"page {w.pgno}: image read failed"))
+            else:
+                w.base = f.result()
+            self._pump_waiters()
+
+        fut.add_done_callback(got)
+
     def _expire(self, waiter: _Waiter) -> None:
         if not waiter.future.done():
             waiter.future.set_exception(
@@ -308,43 +348,66 @@ class WritebackStore:
             self.write_wait_ns += int(self.policy.wait_timeout * 1e9)
 
     def _reserve(self) -> None:
-        """Reserve image blocks for every queued page that has none, in one job."""
+        """Reserve image blocks for the queued pages that have none, in one job.
+
+        Reservations are made a region (2 MiB) at a time: every unreserved
+        page of a region a queued write touches is reserved with it, so a
+        stream of first writes costs one `fallocate` per region, not per page.
+        """
         if self._reserving:
             return
-        pages = sorted({w.pgno for w in self.waiters if self.img[w.pgno] == IMG_NONE})
+        img = self.img
+        wanted = sorted({w.pgno for w in self.waiters if img[w.pgno] == IMG_NONE})
+        ranges: list[tuple[int, int]] = []
+        for region in sorted({p >> _REGION_SHIFT for p in wanted}):
+            start = region << _REGION_SHIFT
+            stop = min(start + (1 << _REGION_SHIFT), len(img))
+            for m in _UNRESERVED_RUN.finditer(img, start, stop):
+                ranges.append((m.start(), m.end() - m.start()))
         self._reserving = True
-        fut = self.image.submit(self._reserve_blocking, pages)
-        fut.add_done_callback(lambda f: self._reserved(pages, f))
+        fut = self.image.submit(self._reserve_blocking, ranges, wanted)
+        fut.add_done_callback(lambda f: self._reserved(ranges, wanted, f))
 
-    def _reserve_blocking(self, pages: list[int]) -> list[int]:
-        """Reserve runs of pages; returns the pages that could not be reserved."""
-        failed: list[int] = []
-        for first, count in runs(pages):
+    def _reserve_blocking(self, ranges: list[tuple[int, int]], wanted: list[int]) -> set[int]:
+        """Reserve the ranges (pool thread); returns the wanted pages left without room."""
+        failed: set[int] = set()
+        for first, count in ranges:
             try:
                 self.image.reserve(first << PAGE_SHIFT, count << PAGE_SHIFT)
             except OSError:
-                # Fall back page by page so every page that fits gets in.
-                for pgno in range(first, first + count):
-                    try:
-                        self.image.reserve(pgno << PAGE_SHIFT, PAGE_SIZE)
-                    except OSError:
-                        failed.append(pgno)
+                # Full: fall back to the pages writes wait for, one by one.
+                for pgno in wanted:
+                    if first <= pgno < first + count:
+                        try:
+                            self.image.reserve(pgno << PAGE_SHIFT, PAGE_SIZE)
+                        except OSError:
+                            failed.add(pgno)
+                failed.add(-1 - first)  # the range as a whole is not reserved
         return failed
 
-    def _reserved(self, pages: list[int], fut: asyncio.Future[list[int]]) -> None:
+    def _reserved(
+        self, ranges: list[tuple[int, int]], wanted: list[int], fut: asyncio.Future[set[int]]
+    ) -> None:
         self._reserving = False
         if self._closed:
             return
-        exc = fut.exception()
-        failed = set(pages) if exc is not None else set(fut.result())
-        for pgno in pages:
-            if pgno not in failed and self.img[pgno] == IMG_NONE:
-                self.img[pgno] = IMG_CLEAN  # blocks exist, content still a hole
-        if failed:
-            self.reservation_failures += len(failed)
+        img = self.img
+        failed = set(wanted) if fut.exception() is not None else fut.result()
+        for first, count in ranges:
+            if -1 - first in failed:
+                continue
+            for pgno in range(first, first + count):
+                if img[pgno] == IMG_NONE:
+                    img[pgno] = IMG_CLEAN  # blocks exist, content still a hole
+        for pgno in wanted:
+            if pgno not in failed and img[pgno] == IMG_NONE:
+                img[pgno] = IMG_CLEAN
+        lost = [p for p in wanted if p in failed]
+        if lost:
+            self.reservation_failures += len(lost)
             keep: deque[_Waiter] = deque()
             for w in self.waiters:
-                if w.pgno in failed and self.img[w.pgno] == IMG_NONE:
+                if img[w.pgno] == IMG_NONE and w.pgno in failed:
                     if not w.future.done():
                         w.future.set_exception(
                             NoSpace(f"backing image is full: no room for page {w.pgno}")

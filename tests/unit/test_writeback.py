@@ -1,0 +1,263 @@
+"""The RAM tier in front of a real backing image, with writeback racing
+the client: a tiny arena, a device 16x larger, random delays in the I/O
+pool, and a plain bytearray as the model."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nbdcache.backing import BackingImage
+from nbdcache.device import Device
+from nbdcache.tier import DISK, RAM, NoSpace
+from nbdcache.tier.ram import RamTier
+from nbdcache.tier.writeback import IMG_CLEAN, IMG_DIRTY, WritebackPolicy, WritebackStore
+
+FRAMES = 32
+PAGES = FRAMES * 16
+SIZE = PAGES * 4096
+
+
+class DelayedImage(BackingImage):
+    """A real image whose pool threads sleep a random moment before each I/O,
+    so completions land in every order; `gate` can hold writes back."""
+
+    def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def _delay(self) -> None:
+        with self.lock:
+            d = self.rng.random() * 0.002
+        time.sleep(d)
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._delay()
+        return super().read(offset, length)
+
+    def write(self, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
+        self.gate.wait(10)
+        self._delay()
+        super().write(offset, buffers)
+
+    def punch(self, offset: int, length: int) -> None:
+        self._delay()
+        super().punch(offset, length)
+
+
+def page(seed: int, compressible: bool = True) -> bytes:
+    """A page of text-like (compressible) or random content."""
+    rng = random.Random(seed)
+    if compressible:
+        words = [b"swap", b"page", b"memory", b"kernel", b"zcache", b"%d" % seed]
+        out = b" ".join(rng.choice(words) for _ in range(900))
+        return (out * 2)[:4096]
+    return rng.randbytes(4096)
+
+
+def make(tmp: Path, allocator: str, mode: str, durable: bool, seed: int) -> WritebackStore:
+    image = DelayedImage(tmp / "img", SIZE, volatile=not durable, io_threads=3, seed=seed)
+    ram = RamTier(PAGES, FRAMES * 4096, allocator=allocator, overcommit=False)
+    policy = WritebackPolicy(
+        high=0.75, low=0.5, inflight=8, batch=4, exclusive_gets=mode, durable=durable,
+        wait_timeout=20,
+    )
+    return WritebackStore(ram, image, policy)
+
+
+async def settle(result: object) -> Any:
+    return await result if isinstance(result, asyncio.Future) else result
+
+
+async def read_all(dev: Device, offset: int, length: int) -> bytes:
+    return b"".join(bytes(b) for b in await settle(dev.read(offset, length)))
+
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["write", "write", "write", "read", "trim", "zero", "flush", "pause"]),
+        st.integers(0, PAGES - 4),
+        st.integers(1, 3),
+        st.integers(0, 1 << 16),
+        st.booleans(),
+    ),
+    min_size=10,
+    max_size=60,
+)
+
+
+@pytest.mark.parametrize("mode", ["off", "lazy", "eager"])
+@pytest.mark.parametrize("allocator", ["zsmalloc", "zbud", "z3fold"])
+@settings(
+    max_examples=int(os.environ.get("NBDCACHE_HYPOTHESIS_EXAMPLES", "12")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=OPS, seed=st.integers(0, 1000))
+def test_every_read_returns_the_last_write(
+    tmp_path_factory: pytest.TempPathFactory,
+    allocator: str,
+    mode: str,
+    ops: list[tuple[str, int, int, int, bool]],
+    seed: int,
+) -> None:
+    tmp = tmp_path_factory.mktemp("wb")
+    durable = seed % 2 == 0
+
+    async def run() -> None:
+        store = make(tmp, allocator, mode, durable, seed)
+        store.adopt_image(preallocated=False)
+        dev = Device(store, SIZE)
+        model = bytearray(SIZE)
+        try:
+            # Fill well past the arena so writeback runs from the start.
+            for p in range(0, PAGES, 3):
+                data = page(p, compressible=p % 7 != 0)
+                await settle(dev.write(p * 4096, memoryview(data)))
+                model[p * 4096 : (p + 1) * 4096] = data
+            for op, first, count, value, flag in ops:
+                off, length = first * 4096, count * 4096
+                if op == "write":
+                    data = b"".join(page(value + i, flag) for i in range(count))
+                    # Unaligned now and then: read-modify-write of edge pages.
+                    if value % 5 == 0:
+                        off, data = off + 100, data[: length - 300]
+                    await settle(dev.write(off, memoryview(data)))
+                    model[off : off + len(data)] = data
+                elif op == "read":
+                    assert await read_all(dev, off, length) == model[off : off + length]
+                elif op == "trim":
+                    dev.trim(off, length)
+                    model[off : off + length] = bytes(length)
+                elif op == "zero":
+                    await settle(dev.write_zeroes(off, length, no_hole=flag))
+                    model[off : off + length] = bytes(length)
+                elif op == "flush" and durable:
+                    await settle(dev.flush())
+                    with open(tmp / "img", "rb") as f:
+                        assert f.read() == model, "a flushed image equals the device"
+                else:
+                    await asyncio.sleep(value / 2e7)
+            assert await read_all(dev, 0, SIZE) == model
+            store.ram.check()
+            assert store.ram.arena.frames_used <= FRAMES
+        finally:
+            await store.close()
+            store.ram.close()
+
+    asyncio.run(run())
+
+
+def test_a_page_rewritten_during_its_writeback_keeps_the_new_data(tmp_path: Path) -> None:
+    async def run() -> None:
+        store = make(tmp_path, "zbud", "off", False, 1)
+        store.adopt_image(preallocated=True)
+        image = store.image
+        assert isinstance(image, DelayedImage)
+        image.gate.clear()  # hold every image write
+        for p in range(PAGES // 2):
+            await settle(store.store(p, page(p)))
+            if store.busy:
+                break
+        victim = next(iter(store.busy))
+        assert store.ram.state(victim) == RAM  # stays readable while in flight
+        new = page(10**6)
+        assert store.store(victim, new) is None
+        image.gate.set()
+        while store.busy:
+            await asyncio.sleep(0.01)
+        assert bytes(await settle(store.load(victim))) == new
+        assert store.img[victim] == IMG_DIRTY  # the old copy did not make it clean
+        await store.close()
+        store.ram.close()
+
+    asyncio.run(run())
+
+
+def test_a_late_read_fill_does_not_clobber_a_newer_write(tmp_path: Path) -> None:
+    async def run() -> None:
+        store = make(tmp_path, "zsmalloc", "off", True, 2)
+        store.adopt_image(preallocated=True)
+        old, new = page(1), page(2)
+        await settle(store.store(5, old))
+        await store.flush()
+        store.ram.release(5)  # as eviction would: only on disk now
+        assert store.ram.state(5) == DISK
+        fill = store.load(5)
+        assert isinstance(fill, asyncio.Future)
+        assert store.store(5, new) is None  # arrives while the fill is in flight
+        assert bytes(await fill) == old  # the read was issued before the write
+        assert bytes(await settle(store.load(5))) == new
+        assert store.pages_promoted == 0
+        await store.close()
+        store.ram.close()
+
+    asyncio.run(run())
+
+
+def test_writes_wait_for_room_instead_of_failing(tmp_path: Path) -> None:
+    async def run() -> None:
+        store = make(tmp_path, "zbud", "off", False, 3)
+        store.adopt_image(preallocated=True)
+        dev = Device(store, SIZE)
+        # Incompressible pages: one frame each, so the arena fills at once.
+        writes = [dev.write(p * 4096, memoryview(page(p, False))) for p in range(FRAMES * 3)]
+        assert any(isinstance(w, asyncio.Future) for w in writes)
+        for w in writes:
+            await settle(w)
+        assert store.writes_waited > 0 and store.pages_written_back > 0
+        for p in range(FRAMES * 3):
+            assert await read_all(dev, p * 4096, 4096) == page(p, False)
+        await store.close()
+        store.ram.close()
+
+    asyncio.run(run())
+
+
+def test_first_write_to_a_full_image_gets_enospc_and_old_data_stays(tmp_path: Path) -> None:
+    """A small real file system: only first writes to holes may fail."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.system(f"mount -t tmpfs -o size=256k tmpfs {mnt} 2>/dev/null") != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+
+        async def run() -> None:
+            image = BackingImage(mnt / "img", SIZE, volatile=True)
+            ram = RamTier(PAGES, FRAMES * 4096, allocator="zbud", overcommit=False)
+            store = WritebackStore(ram, image, WritebackPolicy(high=0.75, low=0.5))
+            dev = Device(store, SIZE)
+            written = []
+            error = None
+            for p in range(PAGES):
+                try:
+                    await settle(dev.write(p * 4096, memoryview(page(p, False))))
+                    written.append(p)
+                except NoSpace as exc:
+                    error = exc
+                    break
+            assert error is not None and 0 < len(written) < PAGES
+            for p in written:  # overwrites of allocated pages still succeed
+                await settle(dev.write(p * 4096, memoryview(page(p + 1, False))))
+            for p in written:
+                assert await read_all(dev, p * 4096, 4096) == page(p + 1, False)
+            assert store.img[written[0]] in (IMG_CLEAN, IMG_DIRTY)
+            await store.close()
+            ram.close()
+
+        asyncio.run(run())
+    finally:
+        os.system(f"umount {mnt}")
