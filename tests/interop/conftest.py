@@ -118,7 +118,7 @@ def client_env() -> dict[str, str]:
     return env
 
 
-def run(
+def run_tool(
     cmd: Sequence[str],
     *,
     check: bool = True,
@@ -144,27 +144,67 @@ def run(
     return proc
 
 
-def nbdsh(
-    uri: str,
+def run_nbdsh(
+    uri: str | None,
     *statements: str,
     script: str | None = None,
     base_allocation: bool = False,
+    opt_mode: bool = False,
     check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    """Run nbdsh connected to ``uri``: optionally exec a file from scripts/, then statements."""
+    """Run nbdsh connected to ``uri``: optionally import everything from a
+    module in scripts/, then run each statement (typically ``check_x(h)``).
+
+    With ``uri=None`` the handle ``h`` is created but not connected; with
+    ``opt_mode`` it is connected but left negotiating (nbdsh --opt-mode).
+    """
     require_tool("nbdsh")
     if NBD_PYTHON is None:
         pytest.fail("python3-libnbd is not installed (no python3 can import nbd)")
     cmd = ["nbdsh"]
     if base_allocation:
         cmd.append("--base-allocation")
-    cmd += ["-u", uri]
+    if opt_mode:
+        cmd.append("--opt-mode")
+    if uri is not None:
+        cmd += ["-u", uri]
     if script is not None:
-        path = SCRIPTS / script
-        cmd += ["-c", f"exec(compile(open({str(path)!r}).read(), {str(path)!r}, 'exec'))"]
+        module = script.removesuffix(".py")
+        cmd += ["-c", f"import sys; sys.path.insert(0, {str(SCRIPTS)!r})"]
+        cmd += ["-c", f"from {module} import *"]
     for statement in statements:
         cmd += ["-c", statement]
-    return run(cmd, check=check)
+    return run_tool(cmd, check=check)
+
+
+@pytest.fixture
+def run() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``run(cmd, check=True, timeout=..., input=None)``: run a client tool.
+
+    With ``check`` a non-zero exit fails the test, showing its output.
+    """
+    return run_tool
+
+
+@pytest.fixture
+def nbdsh() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``nbdsh(uri, *statements, script=None, base_allocation=False, opt_mode=False,
+    check=True)``: see ``run_nbdsh``."""
+    return run_nbdsh
+
+
+@pytest.fixture
+def nbd_python() -> str:
+    """A python3 that can ``import nbd``, for running scripts/ directly."""
+    if NBD_PYTHON is None:
+        pytest.fail("python3-libnbd is not installed (no python3 can import nbd)")
+    return NBD_PYTHON
+
+
+@pytest.fixture
+def tool() -> Callable[[str], str]:
+    """``tool(name)``: path of a client tool; fails the test when it is not installed."""
+    return require_tool
 
 
 # --------------------------------------------------------------------------
@@ -217,6 +257,7 @@ class Server:
     unix: str | None = None
     extra_tcp: list[tuple[str, int]] = field(default_factory=list)
     stopped: bool = False
+    hung: bool = False  # still running STOP_TIMEOUT after SIGTERM, then killed
 
     def uri(self, export: str = "") -> str:
         """nbd:// URI of an export (TCP, first listen address)."""
@@ -243,7 +284,7 @@ class Server:
         return socket.create_connection((self.host, self.port), timeout=READY_TIMEOUT)
 
     def stop(self) -> int:
-        """SIGTERM, wait, return the exit status (killing it if it hangs)."""
+        """SIGTERM, wait, return the exit status (killing it if it hangs: see ``hung``)."""
         if self.stopped:
             return self.proc.returncode
         self.stopped = True
@@ -252,9 +293,9 @@ class Server:
             try:
                 self.proc.wait(timeout=STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
+                self.hung = True
                 self.proc.kill()
                 self.proc.wait()
-                return -9999
         return self.proc.returncode
 
 
@@ -367,7 +408,7 @@ def start_server(tmp_path: Path, short_tmp: Path) -> Iterator[StartServer]:
         exports: Sequence[dict[str, Any]] | None = None,
         extra_args: Sequence[str] = (),
     ) -> Server:
-        last_error: ServerStartError | None = None
+        last_error = ""
         for _attempt in range(3):
             host, port = "127.0.0.1", free_port()
             kwargs: dict[str, Any] = {"host": host, "port": port}
@@ -403,15 +444,15 @@ def start_server(tmp_path: Path, short_tmp: Path) -> Iterator[StartServer]:
             try:
                 server = _start(argv, kwargs, tmp_path)
             except ServerStartError as e:
-                last_error = e
-                # Another process may have taken the port between probing and
-                # binding; only that case is retried.
-                if "in use" in str(e).lower() or "errno 98" in str(e).lower():
-                    continue
-                pytest.fail(str(e), pytrace=False)
-            servers.append(server)
-            return server
-        pytest.fail(str(last_error), pytrace=False)
+                last_error = str(e)
+            else:
+                servers.append(server)
+                return server
+            # Another process may have taken the port between probing and
+            # binding; only that case is retried.
+            if "in use" not in last_error.lower():
+                break
+        pytest.fail(last_error, pytrace=False)
 
     yield factory
 
@@ -420,7 +461,9 @@ def start_server(tmp_path: Path, short_tmp: Path) -> Iterator[StartServer]:
         status = server.stop()
         log = server.log()
         print(f"--- nbdcache log ({' '.join(server.argv)}) ---\n{log[-12000:]}")
-        if status != 0:
+        if server.hung:
+            failures.append(f"still running {STOP_TIMEOUT}s after SIGTERM: {' '.join(server.argv)}")
+        elif status != 0:
             failures.append(f"exit status {status} after SIGTERM: {' '.join(server.argv)}")
     if failures:
         pytest.fail("server did not shut down cleanly: " + "; ".join(failures), pytrace=False)
@@ -440,13 +483,14 @@ def nbdkit_memory(tmp_path: Path) -> Iterator[Callable[[str], str]]:
     def factory(size: str) -> str:
         require_tool("nbdkit")
         port = free_port()
-        log = open(tmp_path / f"nbdkit-{port}.log", "wb")
-        proc = subprocess.Popen(
-            ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port),
-             "memory", size],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        )
-        log.close()
+        argv = ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port)]
+        with open(tmp_path / f"nbdkit-{port}.log", "wb") as log:
+            proc = subprocess.Popen(
+                [*argv, "memory", size],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         procs.append(proc)
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
@@ -522,11 +566,18 @@ class RawNBD:
         return int(size), int(tflags)
 
     @staticmethod
-    def request_header(cmd: int, offset: int, length: int, flags: int = 0, cookie: int = 1) -> bytes:
+    def request_header(
+        cmd: int, offset: int, length: int, flags: int = 0, cookie: int = 1
+    ) -> bytes:
         return struct.pack(">LHHQQL", REQUEST_MAGIC, flags, cmd, cookie, offset, length)
 
     def request(
-        self, cmd: int, offset: int, length: int, flags: int = 0, cookie: int = 1,
+        self,
+        cmd: int,
+        offset: int,
+        length: int,
+        flags: int = 0,
+        cookie: int = 1,
         payload: bytes = b"",
     ) -> None:
         self.sock.sendall(self.request_header(cmd, offset, length, flags, cookie) + payload)

@@ -7,7 +7,10 @@ import signal
 import struct
 import time
 
-from conftest import RawNBD, StartServer
+from collections.abc import Callable
+from typing import Any
+
+RawFactory = Callable[[Any], Any]
 
 OPT_LIST = 3
 REP_ERR_SHUTDOWN = (1 << 31) + 7
@@ -16,14 +19,16 @@ CMD_READ, CMD_WRITE, CMD_DISC = 0, 1, 2
 ESHUTDOWN = 108
 
 
-def test_sigterm_answers_eshutdown_and_rep_err_shutdown(start_server: StartServer) -> None:
+def test_sigterm_answers_eshutdown_and_rep_err_shutdown(
+    start_server: Callable[..., Any], raw_nbd: RawFactory
+) -> None:
     server = start_server(size="1M", extra_args=["--log-level", "debug"])
-    attached = RawNBD.connect(server)
+    attached = raw_nbd(server)
     attached.handshake()
     attached.request(CMD_WRITE, 0, 4096, cookie=1, payload=b"\x5a" * 4096)
     assert attached.simple_reply() == (0, 1, b"")
 
-    negotiating = RawNBD.connect(server)
+    negotiating = raw_nbd(server)
     negotiating.greeting()
     negotiating.sock.sendall(struct.pack(">I", 3))
 
@@ -35,7 +40,7 @@ def test_sigterm_answers_eshutdown_and_rep_err_shutdown(start_server: StartServe
 
     negotiating.sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_LIST, 0))
     magic, option, reply, length = struct.unpack(">QIII", negotiating.recv_exact(20))
-    assert (option, reply) == (OPT_LIST, REP_ERR_SHUTDOWN)
+    assert (magic, option, reply) == (0x3E889045565A9, OPT_LIST, REP_ERR_SHUTDOWN)
     negotiating.recv_exact(length)
 
     attached.request(CMD_DISC, 0, 0)
@@ -44,9 +49,11 @@ def test_sigterm_answers_eshutdown_and_rep_err_shutdown(start_server: StartServe
     assert server.stop() == 0
 
 
-def test_sigterm_drops_idle_clients_after_the_grace(start_server: StartServer) -> None:
+def test_sigterm_drops_idle_clients_after_the_grace(
+    start_server: Callable[..., Any], raw_nbd: RawFactory
+) -> None:
     server = start_server(size="1M")
-    idle = RawNBD.connect(server)
+    idle = raw_nbd(server)
     idle.handshake()
     started = time.monotonic()
     assert server.stop() == 0
