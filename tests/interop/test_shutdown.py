@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import struct
 import time
-
 from collections.abc import Callable
 from typing import Any
 
