@@ -124,10 +124,12 @@ def run_tool(
     check: bool = True,
     timeout: float = CLIENT_TIMEOUT,
     input: bytes | None = None,
+    cwd: str | Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a client tool to completion; with ``check`` a non-zero exit fails the test."""
     proc = subprocess.run(
         list(cmd),
+        cwd=cwd,
         capture_output=True,
         input=input.decode("latin-1") if input is not None else None,
         text=True,

@@ -16,7 +16,8 @@ def fio(run: Fixture, tool: Fixture, tmp_path: Path, *options: str) -> list[dict
     """Run fio with JSON output; fails on a non-zero exit. Returns the per-job results."""
     tool("fio")
     out = tmp_path / "fio.json"
-    run(["fio", "--output-format=json", f"--output={out}", *options], timeout=300)
+    # fio saves verify state files in its working directory: keep them in tmp.
+    run(["fio", "--output-format=json", f"--output={out}", *options], timeout=300, cwd=tmp_path)
     jobs: list[dict[str, Any]] = json.loads(out.read_text())["jobs"]
     return jobs
 
