@@ -72,8 +72,9 @@ def build(cfg: Config) -> list[Export]:
                 e.ram_bytes,
                 allocator=e.allocator,
                 compressor=e.compressor,
+                overcommit=not e.has_backing,
             )
-            store: PageStore = ram  # type: ignore[assignment]
+            store: PageStore = ram
             if e.has_backing:
                 wb = WritebackStore(
                     ram,

@@ -72,7 +72,12 @@ def make(tmp: Path, allocator: str, mode: str, durable: bool, seed: int) -> Writ
     image = DelayedImage(tmp / "img", SIZE, volatile=not durable, io_threads=3, seed=seed)
     ram = RamTier(PAGES, FRAMES * 4096, allocator=allocator, overcommit=False)
     policy = WritebackPolicy(
-        high=0.75, low=0.5, inflight=8, batch=4, exclusive_gets=mode, durable=durable,
+        high=0.75,
+        low=0.5,
+        inflight=8,
+        batch=4,
+        exclusive_gets=mode,
+        durable=durable,
         wait_timeout=20,
     )
     return WritebackStore(ram, image, policy)
@@ -152,6 +157,8 @@ def test_every_read_returns_the_last_write(
                 else:
                     await asyncio.sleep(value / 2e7)
             assert await read_all(dev, 0, SIZE) == model
+            # The run really went through the image both ways.
+            assert store.pages_written_back > 0 and store.pages_read_from_image > 0
             store.ram.check()
             assert store.ram.arena.frames_used <= FRAMES
         finally:
