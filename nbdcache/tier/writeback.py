@@ -88,6 +88,7 @@ EXCLUSIVE_GETS: Final = ("off", "lazy", "eager")
 _DIRTY_RUN: Final = re.compile(b"\x02+")
 _RETRY_DELAY: Final = 0.5  # seconds before writeback retries after an I/O error
 _FLUSH_CHUNK: Final = 1 << 16  # pages examined per step of a flush
+_MAX_RUN: Final = 256  # pages per pwritev (1 MiB; IOV_MAX is 1024)
 _REGION_SHIFT: Final = 9  # reservations cover 512-page (2 MiB) regions
 _UNRESERVED_RUN: Final = re.compile(b"\x00+")
 
@@ -117,13 +118,14 @@ class _Waiter:
     since: float = field(default_factory=time.monotonic)
 
 
-def runs(pages: list[int]) -> Iterator[tuple[int, int]]:
-    """(first, count) of each run of consecutive page numbers (input sorted)."""
+def runs(pages: list[int], longest: int = _MAX_RUN) -> Iterator[tuple[int, int]]:
+    """(first, count) of each run of consecutive page numbers (input sorted),
+    cut at `longest` pages: one image I/O each."""
     i = 0
     n = len(pages)
     while i < n:
         j = i + 1
-        while j < n and pages[j] == pages[j - 1] + 1:
+        while j < n and pages[j] == pages[j - 1] + 1 and j - i < longest:
             j += 1
         yield pages[i], j - i
         i = j
@@ -675,7 +677,7 @@ class WritebackStore:
             groups.setdefault(state[pgno], []).append(pgno)
         futures = []
         for st, group in groups.items():
-            for first, count in runs(group):
+            for first, count in runs(group, _MAX_RUN if st in (RAM, SAME) else 1 << 20):
                 run = list(range(first, first + count))
                 if st == RAM:
                     futures.append(self._write_run(run, release=False))

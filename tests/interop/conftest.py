@@ -442,6 +442,9 @@ def start_server(tmp_path: Path, short_tmp: Path) -> Iterator[StartServer]:
                     argv += ["--export", export]
                 if read_only:
                     argv.append("--read-only")
+            if os.environ.get("NBDCACHE_ALLOCATOR"):
+                # Run the whole suite on another allocator (first export).
+                argv += ["--allocator", os.environ["NBDCACHE_ALLOCATOR"]]
             argv += list(extra_args)
             try:
                 server = _start(argv, kwargs, tmp_path)
