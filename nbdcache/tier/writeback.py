@@ -704,8 +704,14 @@ class WritebackStore:
 
     # --- operator's view ------------------------------------------------------
 
+    @property
+    def page_metadata_bytes(self) -> int:
+        """Bookkeeping per device page, the tier's and this layer's (budget: 16)."""
+        return self.ram.page_metadata_bytes + len(self.img) + self.gen.itemsize * len(self.gen)
+
     def stats(self) -> dict[str, int]:
         out = self.ram.stats()
+        out["metadata_bytes"] += len(self.img) + self.gen.itemsize * len(self.gen)
         out.update(
             {
                 "pages_written_back_total": self.pages_written_back,

@@ -267,4 +267,22 @@ def test_first_write_to_a_full_image_gets_enospc_and_old_data_stays(tmp_path: Pa
 
         asyncio.run(run())
     finally:
-        os.system(f"umount {mnt}")
+        os.system(f"umount -l {mnt}")
+
+
+@pytest.mark.parametrize("allocator", ["zsmalloc", "z3fold", "zbud"])
+def test_a_64_gib_device_with_writeback_costs_at_most_16_bytes_a_page(
+    tmp_path: Path, allocator: str
+) -> None:
+    size = 64 << 30
+    pages = size >> 12
+    image = BackingImage(tmp_path / "img", size, volatile=True)  # sparse: costs nothing
+    ram = RamTier(pages, 64 << 20, allocator=allocator, overcommit=False)
+    store = WritebackStore(ram, image, WritebackPolicy())
+    try:
+        measured = store.page_metadata_bytes
+        assert measured >= pages * 12  # the arrays really are per page
+        assert measured <= pages * 16, measured / pages
+    finally:
+        image.close()
+        ram.close()
