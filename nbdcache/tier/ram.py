@@ -258,6 +258,9 @@ class RamTier:
                 handle = self._alloc(size, pgno, True)
             except ArenaFull:
                 self._refuse(pgno, True)
+            # The allocation may have compacted (zsmalloc) and moved this
+            # page's old copy: free it where it is now, not where it was.
+            old = handles[pgno]
             self._write(handle, obj)
             # Point the page at its new copy before freeing the old one:
             # freeing may move other objects (z3fold) through the table.
