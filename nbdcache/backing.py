@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 _fallocate.restype = ctypes.c_int
 
 T = TypeVar("T")
+log = logging.getLogger("nbdcache.backing")
 
 
 class ImageError(Exception):
@@ -65,6 +67,7 @@ class BackingImage:
         self.size = size
         self.fd = self._open(volatile)
         self.can_punch = True
+        self.can_reserve = True
         self.bytes_punched_by_writing = 0
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="nbdcache-io")
         if preallocate:
@@ -147,8 +150,26 @@ class BackingImage:
             self.write(offset, [bytes(length)])
 
     def reserve(self, offset: int, length: int) -> None:
-        """Allocate blocks for the range so later writes cannot hit ENOSPC."""
-        fallocate(self.fd, FALLOC_FL_KEEP_SIZE, offset, length)
+        """Allocate blocks for the range so later writes cannot hit ENOSPC.
+
+        On a file system without `fallocate` (some NFS, old ZFS) nothing can
+        be reserved: the first time says so in the log, and writeback may then
+        meet ENOSPC (the page stays dirty in RAM and is retried).
+        """
+        if not self.can_reserve:
+            return
+        try:
+            fallocate(self.fd, FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self.can_reserve = False
+            log.warning(
+                "%s: the file system cannot reserve space (fallocate: %s); "
+                "first writes are accepted without a reservation",
+                self.path,
+                exc.strerror,
+            )
 
     def sync(self) -> None:
         os.fdatasync(self.fd)

@@ -145,7 +145,9 @@ class Device:
             )
         zero = self.store.zero
         for pgno in range(first_full, end_full):
-            zero(pgno, no_hole)
+            r = zero(pgno, no_hole)
+            if r is not None:
+                parts.append(r)
         if end & _MASK:
             parts.append(self.write(end_full << PAGE_SHIFT, memoryview(ZERO_PAGE)[: end & _MASK]))
         waits = [x for x in parts if isinstance(x, asyncio.Future)]

@@ -449,11 +449,13 @@ class Handshake:
             match = META_BASE_ALLOCATION in queries
         out = []
         if match:
+            # LIST's context ids are reserved and SHOULD be zero.
+            context_id = META_BASE_ALLOCATION_ID if option == OPT_SET_META_CONTEXT else 0
             out.append(
                 option_reply(
                     option,
                     REP_META_CONTEXT,
-                    _U32.pack(META_BASE_ALLOCATION_ID) + META_BASE_ALLOCATION.encode(),
+                    _U32.pack(context_id) + META_BASE_ALLOCATION.encode(),
                 )
             )
             if option == OPT_SET_META_CONTEXT:

@@ -26,6 +26,14 @@ log = logging.getLogger("nbdcache.server")
 
 #: Reply bytes queued in the transport before the connection stops reading.
 WRITE_HIGH_WATER = 4 << 20
+#: Seconds shutdown waits past the grace for requests still in flight.
+INFLIGHT_SHUTDOWN_LIMIT = 60.0
+
+
+class NotFast(StoreError):
+    """WRITE_ZEROES with FAST_ZERO that would not be fast (NBD_ENOTSUP)."""
+
+    errno = p.ENOTSUP
 
 
 @dataclass
@@ -99,8 +107,15 @@ class NBDServer:
         try:
             await asyncio.wait_for(self._all_closed.wait(), self.shutdown_grace)
         except TimeoutError:
+            # Idle clients are dropped now; requests still in flight are
+            # answered first (the spec: wait for them before disconnecting).
             for conn in list(self.connections):
-                conn.abort("shutdown grace expired")
+                conn.abort_when_idle("shutdown grace expired")
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), INFLIGHT_SHUTDOWN_LIMIT)
+            except TimeoutError:
+                for conn in list(self.connections):
+                    conn.abort("requests still in flight at shutdown")
         for srv in self._listeners:
             await srv.wait_closed()
 
@@ -123,6 +138,7 @@ class Connection(asyncio.Protocol):
         self.inflight = 0  # requests waiting for the store
         self.inflight_bytes = 0  # and the data they read or write
         self.store_paused = False  # reading paused until those drain
+        self.idle_abort = ""  # at shutdown: drop once nothing is in flight
 
     # --- asyncio callbacks ----------------------------------------------------
 
@@ -185,6 +201,12 @@ class Connection(asyncio.Protocol):
         if self.handshake is not None:
             self.handshake.shutting_down = True
 
+    def abort_when_idle(self, reason: str) -> None:
+        if self.inflight:
+            self.idle_abort = reason
+        else:
+            self.abort(reason)
+
     def abort(self, reason: str) -> None:
         if not self.closing:
             log.info("%s: dropping connection: %s", self.peer, reason)
@@ -231,7 +253,8 @@ class Connection(asyncio.Protocol):
                 self.store_paused = True
                 transport.pause_reading()
                 return
-            requests, consumed = self.parser.parse(self.buf, self.server.max_inflight_bytes)
+            budget = self.server.max_inflight_bytes - self.inflight_bytes
+            requests, consumed = self.parser.parse(self.buf, budget)
             if not consumed:
                 return
             out: list[bytes | memoryview] = []
@@ -297,6 +320,10 @@ class Connection(asyncio.Protocol):
         if type_ == p.CMD_TRIM:
             return device.trim(req.offset, req.length, fua)
         if type_ == p.CMD_WRITE_ZEROES:
+            if req.flags & p.CMD_FLAG_FAST_ZERO and (req.offset | req.length) & 4095:
+                # Whole pages are zeroed in metadata alone; edges need a
+                # read-modify-write that may wait: not fast, so say so at once.
+                raise NotFast("FAST_ZERO: only whole 4 KiB pages are zeroed fast")
             return device.write_zeroes(
                 req.offset, req.length, bool(req.flags & p.CMD_FLAG_NO_HOLE), fua
             )
@@ -354,7 +381,10 @@ class Connection(asyncio.Protocol):
         else:
             self._reply(req, fut.result(), out)
         self.transport.writelines(out)
-        if self.draining and not self.inflight:
+        if self.idle_abort and not self.inflight:
+            log.info("%s: closing: %s", self.peer, self.idle_abort)
+            self._finish_disconnect()  # close() sends the replies written above
+        elif self.draining and not self.inflight:
             self._finish_disconnect()
         elif self.store_paused and self.inflight_bytes < self.server.max_inflight_bytes:
             self.store_paused = False

@@ -87,8 +87,9 @@ class PageStore(Protocol):
     def discard(self, pgno: int) -> None:
         """Make the page a hole (TRIM): frees its storage; reads zeroes."""
 
-    def zero(self, pgno: int, allocate: bool) -> None:
-        """Make the page read as zeroes; `allocate` keeps it allocated (NO_HOLE)."""
+    def zero(self, pgno: int, allocate: bool) -> asyncio.Future[None] | None:
+        """Make the page read as zeroes; `allocate` keeps it allocated (NO_HOLE),
+        which may have to wait for space to be reserved."""
 
     def extents(self, first: int, count: int) -> list[tuple[int, int]]:
         """`base:allocation` runs over pages [first, first+count).

@@ -7,7 +7,7 @@ stop eviction, exclusive gets, capacity reservations, backpressure and
 durability.
 
 Per page, beside the RAM tier's state and handle, it keeps one `img` byte
-and a 16-bit generation (12 bytes a page in all, under the 16-byte budget):
+(10 to 14 bytes a page in all, under the 16-byte budget):
 
 - ``IMG_NONE``: the image has no blocks for the page (a hole, never
   reserved).  A first write must reserve them (`fallocate`) before it is
@@ -17,13 +17,15 @@ and a 16-bit generation (12 bytes a page in all, under the 16-byte budget):
 - ``IMG_DIRTY``: the image is behind: it must get the page's data, a punched
   hole (TRIM), zeroes (WRITE_ZEROES with NO_HOLE) or the same-filled pattern.
 
-Every change to a page bumps its generation.  An image write records the
-generation it carried; when it completes, the page becomes clean (and, for an
-eviction, its RAM copy is released) only if the generation is unchanged, so
-a page rewritten while its old copy was in flight keeps its newest data.
-Likewise a read-fill from the image is promoted into RAM only if the page did
-not change meanwhile.  At most one image I/O per page is in flight (`busy`),
-so the thread pool can never reorder two writes of one page.
+At most one image I/O per page is in flight (`busy`), so the thread pool can
+never reorder two writes of one page, and any change to a page with I/O in
+flight is remembered (`touched`).  When the I/O completes, the page becomes
+clean (and, for an eviction, its RAM copy is released) only if it was not
+touched meanwhile, so a page rewritten while its old copy was in flight keeps
+its newest data however often it was rewritten.  Likewise a read-fill from
+the image is promoted into RAM only if the page did not change meanwhile.
+A write to a page whose hole is being punched waits for the punch and then
+reserves its blocks again.
 
 Policy (zcache's "adequate policy for writeback"): eviction starts when the
 arena's frames in use reach the high watermark and stops at the low one; it
@@ -55,7 +57,6 @@ import logging
 import os
 import re
 import time
-from array import array
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ from nbdcache.tier import (
     RAM,
     SAME,
     ZERO,
+    ZERO_PAGE,
     NoSpace,
     StoreError,
     StoreIOError,
@@ -144,8 +146,9 @@ class WritebackStore:
         self.policy = policy
         n = ram.page_count
         self.img = bytearray(n)
-        self.gen = array("H", bytes(2 * n))
         self.busy: dict[int, asyncio.Future[None]] = {}
+        self.touched: set[int] = set()  # changed while their I/O was in flight
+        self.punching: set[int] = set()  # holes being punched: blocks going away
         self.reads: dict[int, asyncio.Future[bytes]] = {}
         self.waiters: deque[_Waiter] = deque()
         self.evicting = False
@@ -158,6 +161,7 @@ class WritebackStore:
         self._scheduled = False
         self._reserving = False
         self._closed = False
+        self._sync_failed = False  # an fdatasync failed: the image is not to be trusted
         # Counters.
         self.pages_written_back = 0
         self.writeback_batches = 0
@@ -200,6 +204,17 @@ class WritebackStore:
 
     # --- PageStore ------------------------------------------------------------
 
+    def _touch(self, pgno: int) -> None:
+        if pgno in self.busy:
+            self.touched.add(pgno)
+
+    def _untouched(self, pgno: int) -> bool:
+        """At the end of a page's I/O: was it left alone meanwhile?"""
+        if pgno in self.touched:
+            self.touched.discard(pgno)
+            return False
+        return True
+
     @property
     def page_count(self) -> int:
         return self.ram.page_count
@@ -221,8 +236,11 @@ class WritebackStore:
             fut = self._read_fill(pgno)
         return fut
 
+    def _unreserved(self, pgno: int) -> bool:
+        return self.img[pgno] == IMG_NONE or pgno in self.punching
+
     def store(self, pgno: int, data: bytes | memoryview) -> asyncio.Future[None] | None:
-        if self.waiters or self.img[pgno] == IMG_NONE:
+        if self.waiters or self._unreserved(pgno):
             return self._enqueue(pgno, data, -1)
         try:
             self._store_now(pgno, data)
@@ -231,7 +249,7 @@ class WritebackStore:
         return None
 
     def patch(self, pgno: int, start: int, data: bytes | memoryview) -> asyncio.Future[None] | None:
-        if self.waiters or self.img[pgno] == IMG_NONE or self.ram.state(pgno) == DISK:
+        if self.waiters or self._unreserved(pgno) or self.ram.state(pgno) == DISK:
             return self._enqueue(pgno, data, start)
         page = bytearray(self.ram.load(pgno))
         page[start : start + len(data)] = data
@@ -242,18 +260,23 @@ class WritebackStore:
         return None
 
     def discard(self, pgno: int) -> None:
-        self.gen[pgno] = (self.gen[pgno] + 1) & 0xFFFF
+        self._touch(pgno)
         self.ram.discard(pgno)
         if self.img[pgno] != IMG_NONE:
             self.img[pgno] = IMG_DIRTY
             self._offram_changed()
 
-    def zero(self, pgno: int, allocate: bool) -> None:
-        self.gen[pgno] = (self.gen[pgno] + 1) & 0xFFFF
+    def zero(self, pgno: int, allocate: bool) -> asyncio.Future[None] | None:
+        if allocate and (self.waiters or self._unreserved(pgno)):
+            # NO_HOLE: the blocks must exist before the reply.  A stored zero
+            # page is exactly a ZERO page that is allocated.
+            return self._enqueue(pgno, ZERO_PAGE, -1)
+        self._touch(pgno)
         self.ram.zero(pgno, allocate)
-        if self.img[pgno] != IMG_NONE or allocate:
+        if self.img[pgno] != IMG_NONE:
             self.img[pgno] = IMG_DIRTY
             self._offram_changed()
+        return None
 
     def extents(self, first: int, count: int) -> list[tuple[int, int]]:
         return self.ram.extents(first, count)
@@ -271,7 +294,7 @@ class WritebackStore:
         ram = self.ram
         huge = ram.huge_pages
         ram.store(pgno, data if isinstance(data, bytes | memoryview) else memoryview(data))
-        self.gen[pgno] = (self.gen[pgno] + 1) & 0xFFFF
+        self._touch(pgno)
         self.img[pgno] = IMG_DIRTY
         if ram.state(pgno) != RAM:
             self._offram_changed()
@@ -297,6 +320,8 @@ class WritebackStore:
             if w.future.done():  # expired
                 waiters.popleft()
                 continue
+            if w.pgno in self.punching:
+                return  # the punch's completion pumps again
             if self.img[w.pgno] == IMG_NONE:
                 self._reserve()
                 return
@@ -422,22 +447,22 @@ class WritebackStore:
     # --- reads ----------------------------------------------------------------
 
     def _read_fill(self, pgno: int) -> asyncio.Future[bytes]:
-        gen = self.gen[pgno]
         fut = self.image.submit(self.image.read, pgno << PAGE_SHIFT, PAGE_SIZE)
         self.reads[pgno] = fut
         self.busy[pgno] = fut  # type: ignore[assignment]
         self.pages_read_from_image += 1
-        fut.add_done_callback(lambda f: self._filled(pgno, gen, f))
+        fut.add_done_callback(lambda f: self._filled(pgno, f))
         return fut
 
-    def _filled(self, pgno: int, gen: int, fut: asyncio.Future[bytes]) -> None:
+    def _filled(self, pgno: int, fut: asyncio.Future[bytes]) -> None:
         self.reads.pop(pgno, None)
         self.busy.pop(pgno, None)
+        untouched = self._untouched(pgno)
         if fut.cancelled() or fut.exception() is not None or self._closed:
             return
         if (
             self.policy.exclusive_gets == "off"
-            and self.gen[pgno] == gen
+            and untouched
             and self.ram.state(pgno) == DISK
             and self.ram.arena.frames_used < self._low
             and not self.waiters
@@ -529,10 +554,9 @@ class WritebackStore:
     def _write_run(self, pages: list[int], release: bool) -> asyncio.Future[None]:
         """Write consecutive RAM pages to the image with one pwritev."""
         data = [self.ram.load(p) for p in pages]
-        gens = [self.gen[p] for p in pages]
-        fut = self.image.submit(self.image.write, pages[0] << PAGE_SHIFT, [bytes(d) for d in data])
+        fut = self.image.submit(self.image.write, pages[0] << PAGE_SHIFT, data)
         self._track(pages, fut)
-        fut.add_done_callback(lambda f: self._written(pages, gens, release, f))
+        fut.add_done_callback(lambda f: self._written(pages, release, f))
         return fut
 
     def _track(self, pages: list[int], fut: asyncio.Future[None]) -> None:
@@ -540,24 +564,25 @@ class WritebackStore:
             self.busy[p] = fut
         self.inflight += len(pages)
 
-    def _untrack(self, pages: list[int]) -> None:
+    def _untrack(self, pages: list[int]) -> list[bool]:
+        """End the I/O of these pages; for each, whether it was left alone."""
         for p in pages:
             self.busy.pop(p, None)
         self.inflight -= len(pages)
+        return [self._untouched(p) for p in pages]
 
-    def _written(
-        self, pages: list[int], gens: list[int], release: bool, fut: asyncio.Future[None]
-    ) -> None:
-        self._untrack(pages)
+    def _written(self, pages: list[int], release: bool, fut: asyncio.Future[None]) -> None:
+        untouched = self._untrack(pages)
         if self._closed:
             return
         if fut.cancelled() or fut.exception() is not None:
             self._io_failed("write", pages, fut)
             return
         ram = self.ram
-        for pgno, gen in zip(pages, gens, strict=True):
-            if self.gen[pgno] != gen:
-                continue  # rewritten meanwhile: the new data stays dirty in RAM
+        for pgno, same in zip(pages, untouched, strict=True):
+            if not same:
+                self.offram_dirty = True  # rewritten or trimmed meanwhile: look again
+                continue
             self.img[pgno] = IMG_CLEAN
             self.pages_written_back += 1
             if release and ram.state(pgno) == RAM:
@@ -585,21 +610,25 @@ class WritebackStore:
         """Up to `limit` dirty pages that are not in RAM and have no I/O in flight."""
         state = self.ram.table.state
         out: list[int] = []
+        skipped = False
         for m in _DIRTY_RUN.finditer(self.img):
             for pgno in range(m.start(), m.end()):
-                if state[pgno] != RAM and pgno not in self.busy:
-                    out.append(pgno)
-                    if len(out) >= limit:
-                        return out
+                if state[pgno] == RAM:
+                    continue
+                if pgno in self.busy:
+                    skipped = True  # its I/O's completion brings it back here
+                    continue
+                out.append(pgno)
+                if len(out) >= limit:
+                    return out
+        if not skipped:
+            self.offram_dirty = False
         return out
 
     def _clean_offram(self) -> None:
         """Punch, zero or pattern-fill dirty pages that left RAM."""
         budget = max(1, self.policy.inflight - self.inflight)
-        pages = self._dirty_offram(budget * 16)
-        if len(pages) < budget * 16:
-            self.offram_dirty = False
-        self._issue(pages)
+        self._issue(self._dirty_offram(budget * 16))
 
     def _image_op(self, st: int, pages: list[int]) -> asyncio.Future[None]:
         image = self.image
@@ -612,22 +641,34 @@ class WritebackStore:
             assert st == SAME
             data = [expand_word(self.ram.table.handle[p]) for p in pages]
             fut = image.submit(image.write, offset, data)
-        gens = [self.gen[p] for p in pages]
         self._track(pages, fut)
+        if st == HOLE:
+            self.punching.update(pages)
 
         def done(f: asyncio.Future[None]) -> None:
-            self._untrack(pages)
+            untouched = self._untrack(pages)
+            if st == HOLE:
+                self.punching.difference_update(pages)
             if self._closed:
                 return
             if f.cancelled() or f.exception() is not None:
                 self._io_failed("update", pages, f)
                 self.offram_dirty = True
                 return
-            for pgno, gen in zip(pages, gens, strict=True):
-                if self.gen[pgno] == gen:
-                    self.img[pgno] = IMG_NONE if st == HOLE else IMG_CLEAN
+            for pgno, same in zip(pages, untouched, strict=True):
+                if st == HOLE:
+                    # The blocks are gone whatever happened meanwhile (a write
+                    # to a page being punched waits, see `_unreserved`).
+                    self.img[pgno] = IMG_NONE if same else IMG_DIRTY
+                    if not same and self.ram.state(pgno) == HOLE:
+                        self.img[pgno] = IMG_NONE
+                elif same:
+                    self.img[pgno] = IMG_CLEAN
+                else:
+                    self.offram_dirty = True
             if st == HOLE:
                 self.pages_punched += len(pages)
+                self._pump_waiters()
             self._schedule(later=self.offram_dirty)
 
         fut.add_done_callback(done)
@@ -664,9 +705,20 @@ class WritebackStore:
                 todo = [p for p in todo if self.img[p] == IMG_DIRTY]
         if failed:
             raise StoreIOError("flush: the backing image refused a write")
+        if self._sync_failed:
+            raise StoreIOError("flush: an earlier fdatasync failed; the image cannot be trusted")
         try:
             await self.image.submit(self.image.sync)
         except OSError as exc:
+            # Linux reports a writeback error once and then forgets it: the
+            # pages written since the last good sync may never reach the disk.
+            # Refuse every later flush rather than acknowledge them.
+            self._sync_failed = True
+            log.error(
+                "fdatasync of %s failed (%s): refusing all further flushes",
+                self.image.path,
+                exc.strerror,
+            )
             raise StoreIOError(f"flush: fdatasync failed: {exc.strerror}") from None
 
     def _issue(self, pages: list[int]) -> list[asyncio.Future[None]]:
@@ -707,11 +759,11 @@ class WritebackStore:
     @property
     def page_metadata_bytes(self) -> int:
         """Bookkeeping per device page, the tier's and this layer's (budget: 16)."""
-        return self.ram.page_metadata_bytes + len(self.img) + self.gen.itemsize * len(self.gen)
+        return self.ram.page_metadata_bytes + len(self.img)
 
     def stats(self) -> dict[str, int]:
         out = self.ram.stats()
-        out["metadata_bytes"] += len(self.img) + self.gen.itemsize * len(self.gen)
+        out["metadata_bytes"] += len(self.img)
         out.update(
             {
                 "pages_written_back_total": self.pages_written_back,

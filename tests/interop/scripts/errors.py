@@ -169,6 +169,14 @@ def check_valid_flags(h):
     h.zero(4096, 0, nbd.CMD_FLAG_FAST_ZERO)
     h.zero(4096, 0, nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE)
     h.block_status(4096, 0, lambda *a: 0, nbd.CMD_FLAG_REQ_ONE)
+    # FAST_ZERO that would need a read-modify-write fails at once with
+    # ENOTSUP and changes nothing.
+    h.pwrite(b"\x5a" * 8192, 8192)
+    expect_error(errno.ENOTSUP, "unaligned fast zero", h.zero, 100, 8192 + 7,
+                 nbd.CMD_FLAG_FAST_ZERO)
+    if h.pread(8192, 8192) != b"\x5a" * 8192:
+        raise AssertionError("a refused fast zero changed the data")
+    h.zero(100, 8192 + 7)  # without FAST_ZERO the same request succeeds
 
 
 def check_zero_length(h):
