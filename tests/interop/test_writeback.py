@@ -236,3 +236,80 @@ def test_trim_frees_ram_and_punches_the_image(
     assert os.stat(image).st_blocks * 512 < 4 * MiB  # region reservations may remain
     mapped = run(["nbdinfo", "--map", server.uri()]).stdout.split()
     assert mapped[:4] == ["0", str(64 * MiB), "3", "hole,zero"]
+
+
+def test_a_second_server_on_the_same_image_refuses_to_start(
+    restartable: Fixture, tmp_path: Path
+) -> None:
+    image = tmp_path / "shared.img"
+    port = free_port()
+    first = restartable(["--listen", f"127.0.0.1:{port}", "--size", "16M", "--backing", str(image)])
+    wait_port(port, first)
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nbdcache",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--size",
+            "16M",
+            "--backing",
+            str(image),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 2
+    assert "in use by another nbdcache server" in second.stderr
+    assert first.poll() is None  # the first one is untouched
+
+
+def test_durable_sigterm_writes_back_and_fua_survives_kill_9(
+    restartable: Fixture, nbdsh: Fixture, tmp_path: Path
+) -> None:
+    image = tmp_path / "disk.img"
+    port = free_port()
+    argv = [
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--size",
+        "16M",
+        "--ram",
+        "2M",
+        "--backing",
+        str(image),
+        "--durability",
+        "durable",
+    ]
+    proc = restartable(argv)
+    wait_port(port, proc)
+    uri = f"nbd://127.0.0.1:{port}/"
+    data = compressible(3 * MiB, 5)
+    (tmp_path / "data").write_bytes(data)
+    # Written without FLUSH: SIGTERM must still write it all back.
+    nbdsh(
+        uri,
+        f"h.pwrite(open({str(tmp_path / 'data')!r}, 'rb').read(), 0)",
+        f"h.trim({3 * MiB}, {MiB})",
+    )
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    with open(image, "rb") as f:
+        content = f.read()
+    assert content[:MiB] == data[:MiB]
+    assert content[MiB : 4 * MiB] == bytes(3 * MiB)  # the trim reached the image too
+    # A FUA write is durable when acknowledged, even if the server dies next.
+    proc = restartable(argv)
+    wait_port(port, proc)
+    fua = compressible(64 * 1024, 6)
+    nbdsh(uri, f"h.pwrite({fua!r}, {8 * MiB}, nbd.CMD_FLAG_FUA)")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with open(image, "rb") as f:
+        f.seek(8 * MiB)
+        assert f.read(len(fua)) == fua
+        f.seek(0)
+        assert f.read(MiB) == data[:MiB]

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from nbdcache.backing import BackingImage
 from nbdcache.device import Device
-from nbdcache.tier import DISK, RAM, NoSpace
+from nbdcache.tier import DISK, RAM, NoSpace, StoreIOError
 from nbdcache.tier.ram import RamTier
 from nbdcache.tier.writeback import IMG_CLEAN, IMG_DIRTY, WritebackPolicy, WritebackStore
 
@@ -68,9 +68,11 @@ def page(seed: int, compressible: bool = True) -> bytes:
     return rng.randbytes(4096)
 
 
-def make(tmp: Path, allocator: str, mode: str, durable: bool, seed: int) -> WritebackStore:
+def make(
+    tmp: Path, allocator: str, mode: str, durable: bool, seed: int, frames: int = FRAMES
+) -> WritebackStore:
     image = DelayedImage(tmp / "img", SIZE, volatile=not durable, io_threads=3, seed=seed)
-    ram = RamTier(PAGES, FRAMES * 4096, allocator=allocator, overcommit=False)
+    ram = RamTier(PAGES, frames * 4096, allocator=allocator, overcommit=False)
     policy = WritebackPolicy(
         high=0.75,
         low=0.5,
@@ -261,6 +263,9 @@ def test_first_write_to_a_full_image_gets_enospc_and_old_data_stays(tmp_path: Pa
                     error = exc
                     break
             assert error is not None and 0 < len(written) < PAGES
+            # NO_HOLE on a page that has no blocks is refused, not promised.
+            with pytest.raises(NoSpace):
+                await settle(dev.write_zeroes((PAGES - 1) * 4096, 4096, no_hole=True))
             for p in written:  # overwrites of allocated pages still succeed
                 await settle(dev.write(p * 4096, memoryview(page(p + 1, False))))
             for p in written:
@@ -290,3 +295,148 @@ def test_a_64_gib_device_with_writeback_costs_at_most_16_bytes_a_page(
     finally:
         image.close()
         ram.close()
+
+
+class FailingImage(DelayedImage):
+    """Image writes and syncs that fail on demand, like a dying disk."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail_writes = 0
+        self.fail_syncs = 0
+
+    def write(self, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
+        with self.lock:
+            fail = self.fail_writes > 0
+            self.fail_writes -= fail
+        if fail:
+            raise OSError(5, "Input/output error")
+        super().write(offset, buffers)
+
+    def sync(self) -> None:
+        with self.lock:
+            fail = self.fail_syncs > 0
+            self.fail_syncs -= fail
+        if fail:
+            raise OSError(5, "Input/output error")
+        super().sync()
+
+
+def failing(tmp: Path, durable: bool, **policy: Any) -> WritebackStore:
+    image = FailingImage(tmp / "img", SIZE, volatile=not durable, io_threads=2)
+    ram = RamTier(PAGES, FRAMES * 4096, allocator="zbud", overcommit=False)
+    options = {"high": 0.75, "low": 0.5, "inflight": 8, "batch": 4, "durable": durable}
+    store = WritebackStore(ram, image, WritebackPolicy(**{**options, **policy}))
+    store.adopt_image(preallocated=True)
+    return store
+
+
+def test_failed_writeback_keeps_pages_dirty_and_retries(tmp_path: Path) -> None:
+    async def run() -> None:
+        store = failing(tmp_path, durable=False)
+        image = store.image
+        assert isinstance(image, FailingImage)
+        image.fail_writes = 3
+        dev = Device(store, SIZE)
+        for p in range(FRAMES * 3):  # three times the arena: writeback must succeed
+            await settle(dev.write(p * 4096, memoryview(page(p, False))))
+        assert store.writeback_errors >= 1 and store.pages_written_back > 0
+        for p in range(FRAMES * 3):
+            assert await read_all(dev, p * 4096, 4096) == page(p, False)
+        await store.close()
+        store.ram.close()
+
+    asyncio.run(run())
+
+
+def test_a_write_waiting_too_long_for_room_gets_eio_and_nothing_is_lost(tmp_path: Path) -> None:
+    async def run() -> None:
+        store = failing(tmp_path, durable=False, wait_timeout=0.3)
+        image = store.image
+        assert isinstance(image, FailingImage)
+        image.gate.clear()  # the disk stalls: nothing can be written back
+        dev = Device(store, SIZE)
+        stored: list[int] = []
+        error = None
+        for p in range(FRAMES * 2):
+            try:
+                await settle(dev.write(p * 4096, memoryview(page(p, False))))
+                stored.append(p)
+            except StoreIOError as exc:
+                error = exc
+                break
+        assert error is not None and "no room" in str(error)
+        image.gate.set()
+        for p in stored:
+            assert await read_all(dev, p * 4096, 4096) == page(p, False)
+        await store.close()
+        store.ram.close()
+
+    asyncio.run(run())
+
+
+def test_after_a_failed_fdatasync_every_flush_fails(tmp_path: Path) -> None:
+    async def run() -> None:
+        store = failing(tmp_path, durable=True)
+        image = store.image
+        assert isinstance(image, FailingImage)
+        await settle(store.store(1, page(1)))
+        image.fail_syncs = 1
+        with pytest.raises(StoreIOError):
+            await store.flush()
+        await settle(store.store(2, page(2)))
+        with pytest.raises(StoreIOError, match="earlier fdatasync failed"):
+            await store.flush()  # the lost writes must not be acknowledged later
+        await store.close()
+        store.ram.close()
+
+    asyncio.run(run())
+
+
+def test_exclusive_gets_modes(tmp_path: Path) -> None:
+    async def run(mode: str) -> WritebackStore:
+        store = make(tmp_path / mode, "zsmalloc", mode, False, 4, frames=PAGES)
+        store.adopt_image(preallocated=True)
+        for p in range(8):
+            await settle(store.store(p, page(p)))
+        assert bytes(await settle(store.load(6))) == page(6)
+        while store.busy:
+            await asyncio.sleep(0.01)
+        return store
+
+    for mode in ("off", "lazy", "eager"):
+        (tmp_path / mode).mkdir()
+        store = asyncio.run(run(mode))
+        coldest = store.ram.coldest_pages(1)
+        if mode == "lazy":
+            assert coldest == [6]  # read from RAM: first to be written back
+        else:
+            assert coldest == [0]
+        if mode == "eager":
+            assert store.ram.state(6) == DISK and store.exclusive_releases == 1
+            assert store.img[6] == IMG_CLEAN
+        else:
+            assert store.ram.state(6) == RAM and store.exclusive_releases == 0
+        store.image.close()
+        store.ram.close()
+
+
+def test_pages_read_from_the_image_are_promoted_only_with_exclusive_gets_off(
+    tmp_path: Path,
+) -> None:
+    async def run(mode: str) -> int:
+        store = make(tmp_path / mode, "zbud", mode, True, 5, frames=PAGES)
+        store.adopt_image(preallocated=True)
+        await settle(store.store(3, page(3)))
+        await store.flush()
+        store.ram.release(3)
+        assert bytes(await settle(store.load(3))) == page(3)
+        promoted = store.pages_promoted
+        assert store.ram.state(3) == (RAM if promoted else DISK)
+        await store.close()
+        store.ram.close()
+        return promoted
+
+    for mode in ("off", "lazy", "eager"):
+        (tmp_path / mode).mkdir()
+        assert asyncio.run(run(mode)) == (1 if mode == "off" else 0)

@@ -172,8 +172,9 @@ def check_valid_flags(h):
     # FAST_ZERO that would need a read-modify-write fails at once with
     # ENOTSUP and changes nothing.
     h.pwrite(b"\x5a" * 8192, 8192)
-    expect_error(errno.ENOTSUP, "unaligned fast zero", h.zero, 100, 8192 + 7,
-                 nbd.CMD_FLAG_FAST_ZERO)
+    expect_error(
+        errno.ENOTSUP, "unaligned fast zero", h.zero, 100, 8192 + 7, nbd.CMD_FLAG_FAST_ZERO
+    )
     if h.pread(8192, 8192) != b"\x5a" * 8192:
         raise AssertionError("a refused fast zero changed the data")
     h.zero(100, 8192 + 7)  # without FAST_ZERO the same request succeeds

@@ -25,8 +25,9 @@
  * Usage: hog MIB [PASSES] [SEED]
  * Output (one line each, parsed by the test harness):
  *   HOG start pages=N mib=M passes=P seed=S
- *   HOG phase=NAME pass=K secs=F errors=E
+ *   HOG phase=NAME pass=K secs=F errors=E pswpin=I pswpout=O   (counters since boot)
  *   HOG mismatch pass=K page=I kind=KIND gen=G offset=O got=X want=Y found_page=J found_gen=H
+ *       (found_*: the page and generation the content carries, -1 if none)
  *   HOG result=ok|fail pages=N mib=M errors=E zero=A same=B text=C random=D \
  *       rewritten=R fill_s=F verify_s=V total_s=T
  * Exit status: 0 when every page verified, 1 on a mismatch, 2 on a usage or
@@ -152,10 +153,47 @@ static void page_origin(const unsigned char *buf, int64_t *found_page, int64_t *
 	memcpy(&idx, buf, 8);
 	uint64_t g64;
 	memcpy(&g64, buf + 8, 8);
-	if (g64 < 256) {
+	/* A random page's binary header: believable only if that page is random. */
+	if (g64 < 256 && page_kind(idx) == RANDOM) {
 		*found_page = (int64_t)idx;
 		*found_gen = (int64_t)g64;
 	}
+}
+
+/* The kernel's swap counters (pages), 0 when /proc is not mounted. */
+static void swap_counters(unsigned long long *in, unsigned long long *out)
+{
+	char key[64];
+	unsigned long long value;
+	*in = *out = 0;
+	FILE *f = fopen("/proc/vmstat", "r");
+	if (f == NULL)
+		return;
+	while (fscanf(f, "%63s %llu", key, &value) == 2) {
+		if (strcmp(key, "pswpin") == 0)
+			*in = value;
+		else if (strcmp(key, "pswpout") == 0)
+			*out = value;
+	}
+	fclose(f);
+}
+
+static void print_phase(const char *name, unsigned pass, double secs, uint64_t errors)
+{
+	unsigned long long in, out;
+	swap_counters(&in, &out);
+	printf("HOG phase=%s pass=%u secs=%.3f errors=%" PRIu64 " pswpin=%llu pswpout=%llu\n",
+	       name, pass, secs, errors, in, out);
+}
+
+static uint64_t gcd(uint64_t a, uint64_t b)
+{
+	while (b) {
+		uint64_t t = a % b;
+		a = b;
+		b = t;
+	}
+	return a;
 }
 
 static double now(void)
@@ -198,18 +236,19 @@ int main(int argc, char **argv)
 		counts[page_kind(i)]++;
 	}
 	double t1 = now();
-	printf("HOG phase=fill pass=0 secs=%.3f errors=0\n", t1 - t0);
+	print_phase("fill", 0, t1 - t0, 0);
 
 	unsigned char expect[PAGE];
 	uint64_t errors = 0, rewritten = 0;
-	/* An odd stride near the golden ratio of npages visits every page once. */
+	/* A stride near the golden ratio of npages, coprime with it, visits
+	 * every page exactly once per pass. */
 	uint64_t stride = (uint64_t)(npages * 0.6180339887) | 1;
-	while (stride > 1 && (npages % stride == 0 || stride >= npages))
+	while (stride > 1 && gcd(stride, npages) != 1)
 		stride -= 2;
 	double verify_s = 0;
 	for (unsigned pass = 1; pass <= passes; pass++) {
 		double ps = now();
-		uint64_t pass_errors = 0, pos = 0;
+		uint64_t pass_errors = 0, pos = 0, index_sum = 0, square_sum = 0;
 		for (uint64_t n = 0; n < npages; n++) {
 			uint64_t i;
 			if (pass % 2) {
@@ -220,6 +259,8 @@ int main(int argc, char **argv)
 				if (pos >= npages)
 					pos -= npages;
 			}
+			index_sum += i;
+			square_sum += i * i;
 			unsigned char *page = mem + i * PAGE;
 			make_page(expect, i, gens[i]);
 			if (memcmp(page, expect, PAGE) != 0) {
@@ -248,10 +289,20 @@ int main(int argc, char **argv)
 				rewritten++;
 			}
 		}
+		/* Every page visited once (sums mod 2^64 of i and i*i over 0..n-1). */
+		uint64_t want_sum = 0, want_squares = 0;
+		for (uint64_t i = 0; i < npages; i++) {
+			want_sum += i;
+			want_squares += i * i;
+		}
+		if (index_sum != want_sum || square_sum != want_squares) {
+			printf("HOG error pass=%u did not visit every page once\n", pass);
+			pass_errors++;
+			errors++;
+		}
 		double pe = now();
 		verify_s += pe - ps;
-		printf("HOG phase=verify pass=%u secs=%.3f errors=%" PRIu64 "\n", pass, pe - ps,
-		       pass_errors);
+		print_phase("verify", pass, pe - ps, pass_errors);
 	}
 	double t2 = now();
 	printf("HOG result=%s pages=%" PRIu64 " mib=%" PRIu64 " errors=%" PRIu64

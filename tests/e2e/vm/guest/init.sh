@@ -1,17 +1,27 @@
 #!/bin/sh
-# /init of the test guest (busybox sh as PID 1).
+# /init of the test guest (PID 1; /bin/sh is dash, the rest busybox).
 #
 # Reads its scenario from the kernel command line (e2e.KEY=VALUE):
-#   e2e.disk=virtio|nbd   swap on /dev/vda (qemu's NBD client, virtio-blk) or on
-#                         /dev/nbd0 attached by the guest kernel's nbd driver
+#   e2e.disk=virtio|nbd|attach
+#                         virtio: swap on /dev/vda (qemu's NBD client, virtio-blk);
+#                         nbd: on /dev/nbd0, attached here with nbd-client;
+#                         attach: on whatever attach-swap.sh (deploy/, in the
+#                         image as /usr/local/sbin) sets up, undone with
+#                         detach-swap.sh: the way users attach
+#   e2e.attach_args=A,B   more arguments for attach-swap.sh (commas for spaces)
 #   e2e.discard=none|pages|once|both   swapon discard policy
 #   e2e.hog_mib=N e2e.passes=P e2e.seed=S   the memory hog's arguments
-#   e2e.nbd_host, e2e.nbd_port, e2e.nbd_export, e2e.nbd_bs   for e2e.disk=nbd
+#   e2e.nbd_host, e2e.nbd_port, e2e.nbd_export, e2e.nbd_bs   the server, for
+#                         e2e.disk=nbd and attach (reached over the network)
 #   e2e.script=PATH       run this file of the image instead of the hog scenario
+#   e2e.pause=POINT,...   at each POINT (swapon: swap enabled, before the hog;
+#                         hog-exit: the hog has exited, swap still on), print
+#                         "E2E paused at=POINT" and wait for a line on the
+#                         console while the host inspects the server
 # Prints lines starting with "E2E " (and the hog's "HOG ") on the console for
 # the host to parse, then powers off. It never returns: PID 1 exiting panics.
 
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+export PATH=/usr/local/sbin:/usr/local/bin:/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -19,7 +29,7 @@ mkdir -p /tmp /run /var/run
 echo "E2E init uptime=$(cut -d' ' -f1 /proc/uptime) release=$(uname -r)"
 
 disk=virtio discard=none hog_mib=64 passes=1 seed=1
-nbd_host=10.0.2.2 nbd_port=10809 nbd_export= nbd_bs=4096 script=
+nbd_host=10.0.2.2 nbd_port=10809 nbd_export= nbd_bs=4096 script= pause= attach_args=
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in
 	e2e.*=*)
@@ -27,7 +37,7 @@ for arg in $(cat /proc/cmdline); do
 		key=${key#e2e.}
 		value=${arg#*=}
 		case "$key" in
-		disk | discard | hog_mib | passes | seed | nbd_host | nbd_port | nbd_export | nbd_bs | script)
+		disk | discard | hog_mib | passes | seed | nbd_host | nbd_port | nbd_export | nbd_bs | script | pause | attach_args)
 			eval "$key=\$value" ;;
 		*) echo "E2E warning unknown-parameter=$key" ;;
 		esac
@@ -68,6 +78,16 @@ while read -r mod; do
 done </etc/e2e/modules
 echo "E2E modules loaded=$(echo $mods | tr ' ' ',')"
 
+pause_point() {
+	case ",$pause," in
+	*",$1,"*)
+		echo "E2E paused at=$1 uptime=$(cut -d' ' -f1 /proc/uptime)"
+		read -r _reply
+		echo "E2E resumed at=$1"
+		;;
+	esac
+}
+
 wait_for() {
 	# $1: path, $2: tenths of a second
 	i=0
@@ -85,17 +105,31 @@ if [ -n "$script" ]; then
 	finish script
 fi
 
+as_nobody() {
+	# the arguments are plain words (no quoting needed)
+	su -s /bin/sh -c "PATH=$PATH; $*" nobody
+}
+
+net_up() {
+	ip link set lo up
+	wait_for /sys/class/net/eth0 300 || fail "no eth0"
+	ip link set eth0 up
+	# Only the user-mode network's own subnet: no default route.
+	ip addr add 10.0.2.15/24 dev eth0
+}
+
+describe_disk() {
+	name=${1#/dev/}
+	echo "E2E disk dev=$1 size_bytes=$(($(cat "/sys/block/$name/size") * 512)) rotational=$(cat "/sys/block/$name/queue/rotational") discard_max_bytes=$(cat "/sys/block/$name/queue/discard_max_bytes") logical_block_size=$(cat "/sys/block/$name/queue/logical_block_size")"
+}
+
 case "$disk" in
 virtio)
 	wait_for /sys/block/vda 300 || fail "no /dev/vda"
 	dev=/dev/vda
 	;;
 nbd)
-	ip link set lo up
-	wait_for /sys/class/net/eth0 300 || fail "no eth0"
-	ip link set eth0 up
-	# Only the user-mode network's own subnet: no default route.
-	ip addr add 10.0.2.15/24 dev eth0
+	net_up
 	wait_for /sys/block/nbd0 100 || fail "no /dev/nbd0"
 	set -- "$nbd_host" "$nbd_port" /dev/nbd0 -b "$nbd_bs" -swap
 	[ -z "$nbd_export" ] || set -- "$@" -N "$nbd_export"
@@ -103,24 +137,49 @@ nbd)
 	nbd-client "$@" || fail "nbd-client exit $?"
 	dev=/dev/nbd0
 	;;
+attach)
+	net_up
+	address="$nbd_host:$nbd_port"
+	[ -z "$nbd_export" ] || address="$address/$nbd_export"
+	# shellcheck disable=SC2086  # attach_args is split on purpose
+	set -- $(echo "$attach_args" | tr ',' ' ') "$address"
+	echo "E2E attach-swap args=$(echo "$@" | tr ' ' ',')"
+	# Not root: refused, nothing attached.
+	as_nobody attach-swap.sh "$@" >/tmp/out 2>&1
+	echo "E2E attach-nonroot status=$? swaps=$(($(wc -l </proc/swaps) - 1))"
+	sed 's/^/E2E attach-nonroot-output /' /tmp/out
+	attach-swap.sh "$@" || fail "attach-swap.sh exit $?"
+	dev=$(awk 'NR == 2 { print $1 }' /proc/swaps)
+	[ -n "$dev" ] || fail "attach-swap.sh enabled no swap"
+	# The device is busy now: a second attach is refused.
+	attach-swap.sh "$@" >/tmp/out 2>&1
+	echo "E2E attach-again status=$? swaps=$(($(wc -l </proc/swaps) - 1))"
+	sed 's/^/E2E attach-again-output /' /tmp/out
+	;;
 *) fail "unknown disk $disk" ;;
 esac
 
-name=${dev#/dev/}
-# virtio-blk reports itself rotational; the kernel then never discards
-# freed swap.
-echo 0 >"/sys/block/$name/queue/rotational" || fail "rotational"
-echo "E2E disk dev=$dev size_bytes=$(($(cat "/sys/block/$name/size") * 512)) rotational=$(cat "/sys/block/$name/queue/rotational") discard_max_bytes=$(cat "/sys/block/$name/queue/discard_max_bytes") logical_block_size=$(cat "/sys/block/$name/queue/logical_block_size")"
+if [ "$disk" = attach ]; then
+	describe_disk "$dev"
+	echo "E2E swapon dev=$dev discard=by-script uptime=$(cut -d' ' -f1 /proc/uptime)"
+else
+	# virtio-blk reports itself rotational; the kernel then never discards
+	# freed swap.
+	echo 0 >"/sys/block/${dev#/dev/}/queue/rotational" || fail "rotational"
+	describe_disk "$dev"
+	mkswap "$dev" >/dev/null || fail "mkswap"
+	# util-linux's swapon (first in PATH)
+	case "$discard" in
+	none) swapon "$dev" ;;
+	pages | once) swapon --discard="$discard" "$dev" ;;
+	both) swapon --discard "$dev" ;;
+	*) fail "unknown discard $discard" ;;
+	esac || fail "swapon"
+	echo "E2E swapon dev=$dev discard=$discard uptime=$(cut -d' ' -f1 /proc/uptime)"
+fi
+echo "E2E swaps $(awk 'NR == 2 { printf "dev=%s priority=%s size_kib=%s", $1, $5, $3 }' /proc/swaps)"
 
-mkswap "$dev" >/dev/null || fail "mkswap"
-case "$discard" in
-none) swapon "$dev" ;;
-pages) swapon -dpages "$dev" ;;
-once) swapon -donce "$dev" ;;
-both) swapon -d "$dev" ;;
-*) fail "unknown discard $discard" ;;
-esac || fail "swapon"
-echo "E2E swapon dev=$dev discard=$discard uptime=$(cut -d' ' -f1 /proc/uptime)"
+pause_point swapon
 
 vmstat before
 echo "E2E hog-start mib=$hog_mib passes=$passes uptime=$(cut -d' ' -f1 /proc/uptime)"
@@ -129,8 +188,18 @@ status=$?
 echo "E2E hog-exit status=$status uptime=$(cut -d' ' -f1 /proc/uptime)"
 vmstat after-hog
 echo "E2E swap $(awk 'NR > 1 { printf "used_kib=%s size_kib=%s", $4, $3 }' /proc/swaps)"
+pause_point hog-exit
 
-swapoff "$dev" || fail "swapoff"
+if [ "$disk" = attach ]; then
+	as_nobody detach-swap.sh "$dev" >/tmp/out 2>&1
+	echo "E2E detach-nonroot status=$? swaps=$(($(wc -l </proc/swaps) - 1))"
+	sed 's/^/E2E detach-nonroot-output /' /tmp/out
+	echo "E2E detach-swap dev=$dev"
+	detach-swap.sh "$dev" || fail "detach-swap.sh exit $?"
+	echo "E2E detached swaps=$(($(wc -l </proc/swaps) - 1)) size_bytes=$(($(cat "/sys/block/${dev#/dev/}/size") * 512))"
+else
+	swapoff "$dev" || fail "swapoff"
+fi
 vmstat after-swapoff
 echo "E2E swapoff uptime=$(cut -d' ' -f1 /proc/uptime)"
 if [ "$disk" = nbd ]; then
