@@ -178,7 +178,7 @@ class ServerConfig(_Model):
     #: Seconds connections get to finish after SIGTERM/SIGINT.
     shutdown_grace: float = 2.0
     #: Data of requests per connection in flight before it stops reading.
-    max_inflight_bytes: Size = 64 << 20
+    max_inflight_bytes: Size = 16 << 20
     #: Where scratch images of volatile exports live.
     data_dir: str = "/var/tmp/nbdcache"
     #: Threads doing image I/O, per export.

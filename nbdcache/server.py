@@ -51,7 +51,7 @@ class NBDServer:
         self,
         exports: Sequence[Export],
         *,
-        max_inflight_bytes: int = 64 << 20,
+        max_inflight_bytes: int = 16 << 20,
         shutdown_grace: float = 2.0,
     ) -> None:
         self.exports = list(exports)

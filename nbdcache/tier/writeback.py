@@ -118,6 +118,7 @@ class _Waiter:
     future: asyncio.Future[None]
     base: bytes | None = None  # a patched DISK page's content, once read
     since: float = field(default_factory=time.monotonic)
+    queued: bool = True  # still counted in WritebackStore.queued
 
 
 def runs(pages: list[int], longest: int = _MAX_RUN) -> Iterator[tuple[int, int]]:
@@ -151,6 +152,7 @@ class WritebackStore:
         self.punching: set[int] = set()  # holes being punched: blocks going away
         self.reads: dict[int, asyncio.Future[bytes]] = {}
         self.waiters: deque[_Waiter] = deque()
+        self.queued: dict[int, int] = {}  # page -> its writes in `waiters`
         self.evicting = False
         self.offram_dirty = False  # some page left RAM dirty: the image needs updating
         self.inflight = 0
@@ -240,7 +242,7 @@ class WritebackStore:
         return self.img[pgno] == IMG_NONE or pgno in self.punching
 
     def store(self, pgno: int, data: bytes | memoryview) -> asyncio.Future[None] | None:
-        if self.waiters or self._unreserved(pgno):
+        if pgno in self.queued or self._unreserved(pgno):
             return self._enqueue(pgno, data, -1)
         try:
             self._store_now(pgno, data)
@@ -249,7 +251,7 @@ class WritebackStore:
         return None
 
     def patch(self, pgno: int, start: int, data: bytes | memoryview) -> asyncio.Future[None] | None:
-        if self.waiters or self._unreserved(pgno) or self.ram.state(pgno) == DISK:
+        if pgno in self.queued or self._unreserved(pgno) or self.ram.state(pgno) == DISK:
             return self._enqueue(pgno, data, start)
         page = bytearray(self.ram.load(pgno))
         page[start : start + len(data)] = data
@@ -267,7 +269,7 @@ class WritebackStore:
             self._offram_changed()
 
     def zero(self, pgno: int, allocate: bool) -> asyncio.Future[None] | None:
-        if allocate and (self.waiters or self._unreserved(pgno)):
+        if allocate and (pgno in self.queued or self._unreserved(pgno)):
             # NO_HOLE: the blocks must exist before the reply.  A stored zero
             # page is exactly a ZERO page that is allocated.
             return self._enqueue(pgno, ZERO_PAGE, -1)
@@ -307,13 +309,27 @@ class WritebackStore:
         loop = asyncio.get_running_loop()
         waiter = _Waiter(pgno, bytes(data), start, loop.create_future())
         self.waiters.append(waiter)
+        self.queued[pgno] = self.queued.get(pgno, 0) + 1
         self.writes_waited += 1
         loop.call_later(self.policy.wait_timeout, self._expire, waiter)
         self._pump_waiters()
         return waiter.future
 
+    def _unqueue(self, w: _Waiter) -> None:
+        """`w` leaves the queue (stored, failed or expired)."""
+        if w.queued:
+            w.queued = False
+            left = self.queued[w.pgno] - 1
+            if left:
+                self.queued[w.pgno] = left
+            else:
+                del self.queued[w.pgno]
+
     def _pump_waiters(self) -> None:
-        """Store queued writes in order while there is room and a reservation."""
+        """Store queued writes in order while there is room and a reservation.
+
+        Order matters only between writes to one page: a write to a page
+        with nothing queued does not wait behind the queue (`store`)."""
         waiters = self.waiters
         while waiters:
             w = waiters[0]
@@ -342,9 +358,11 @@ class WritebackStore:
                 return
             except StoreError as exc:
                 waiters.popleft()
+                self._unqueue(w)
                 w.future.set_exception(exc)
                 continue
             waiters.popleft()
+            self._unqueue(w)
             self.write_wait_ns += int((time.monotonic() - w.since) * 1e9)
             w.future.set_result(None)
 
@@ -357,6 +375,7 @@ class WritebackStore:
         def got(f: asyncio.Future[bytes]) -> None:
             if f.cancelled() or f.exception() is not None:
                 if not w.future.done():
+                    self._unqueue(w)
                     w.future.set_exception(StoreIOError(f"page {w.pgno}: image read failed"))
             else:
                 w.base = f.result()
@@ -366,6 +385,7 @@ class WritebackStore:
 
     def _expire(self, waiter: _Waiter) -> None:
         if not waiter.future.done():
+            self._unqueue(waiter)
             waiter.future.set_exception(
                 StoreIOError(
                     f"page {waiter.pgno}: no room in the RAM tier after "
@@ -435,6 +455,7 @@ class WritebackStore:
             keep: deque[_Waiter] = deque()
             for w in self.waiters:
                 if img[w.pgno] == IMG_NONE and w.pgno in failed:
+                    self._unqueue(w)
                     if not w.future.done():
                         w.future.set_exception(
                             NoSpace(f"backing image is full: no room for page {w.pgno}")
@@ -523,7 +544,10 @@ class WritebackStore:
 
     def _evict(self) -> None:
         budget = self.policy.inflight - self.inflight
-        if budget <= 0:
+        # Pages in flight free their frames when they land: with about two
+        # pages a frame, this many are enough to reach the low watermark.
+        enough = 2 * (self.ram.arena.frames_used - self._low) + self.policy.batch
+        if budget <= 0 or (self.inflight >= enough and not self.waiters):
             return
         want = min(self.policy.batch, budget)
         candidates = self.ram.coldest_pages(want + len(self.busy))
@@ -548,8 +572,9 @@ class WritebackStore:
             self._write_run(list(range(first, first + count)), release=True)
         if released:
             self._pump_waiters()
-            self._schedule()
         self.writeback_batches += 1
+        if released or self.inflight < self.policy.inflight:
+            self._schedule()  # keep the pipeline full: another batch next turn
 
     def _write_run(self, pages: list[int], release: bool) -> asyncio.Future[None]:
         """Write consecutive RAM pages to the image with one pwritev."""
@@ -746,6 +771,7 @@ class WritebackStore:
             except StoreError as exc:
                 log.error("could not write back every page at shutdown: %s", exc)
         for w in self.waiters:
+            self._unqueue(w)
             if not w.future.done():
                 w.future.set_exception(StoreIOError("server shutting down"))
         pending = list(set(self.busy.values()))

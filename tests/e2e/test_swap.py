@@ -13,7 +13,8 @@ Scenarios:
 - `swapon --discard=pages`: freed swap is trimmed, so once the hog exits
   the server holds little more than what the kernel still uses;
 - `swapon --discard=once`: the whole device is trimmed at swapon;
-- the guest kernel's own nbd driver attached with `nbd-client -b 4096`.
+- the guest kernel's own nbd driver attached with `nbd-client -b 4096`;
+- deploy/attach-swap.sh and detach-swap.sh run in the guest as users run them.
 """
 
 from __future__ import annotations
@@ -49,13 +50,11 @@ def image_bytes(path: Path) -> int:
 
 
 def server_counters(server: NbdServer) -> dict[str, Any]:
-    """nbdcache's counters for the report: the stats table and the raw values."""
+    """nbdcache's counters once its background work has caught up, for the
+    assertions and the report: the stats table and the raw values."""
     if not isinstance(server, Nbdcache) or server.metrics_port is None:
         return {}
-    from nbdcache import metrics
-
-    table = metrics.fetch(server.metrics_url)
-    counters = table.get(server.export, {})
+    counters = server.settle()
     out: dict[str, Any] = {"counters": counters, "stats": server.stats()}
     # zram's mm_stat names: bytes of the pages in RAM before / after compression.
     if counters.get("compr_data_size"):
@@ -143,8 +142,8 @@ def test_swap_verifies_every_page(
     seen: dict[str, Any] = {}
 
     def at_hog_exit(point: str, _result: GuestResult) -> None:
-        seen["image"] = image_bytes(tmp_path / "swap.img")
         seen["counters"] = server_counters(server)
+        seen["image"] = image_bytes(tmp_path / "swap.img")
 
     result = run_guest(
         guest_image, server.target, config, tmp_path / "console.log", on_pause=at_hog_exit
@@ -206,9 +205,9 @@ def test_discard_pages_gives_freed_swap_back(
     seen: dict[str, Any] = {}
 
     def at_hog_exit(point: str, result: GuestResult) -> None:
+        seen["counters"] = server_counters(server)  # first: waits for nbdcache to settle
         seen["allocated"] = allocated_bytes(server.url)
         seen["image"] = image_bytes(tmp_path / "swap.img")
-        seen["counters"] = server_counters(server)
 
     result = run_guest(
         guest_image, server.target, config, tmp_path / "console.log", on_pause=at_hog_exit

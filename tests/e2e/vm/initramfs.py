@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -235,10 +236,14 @@ def build_guest(extra_files: dict[str, Path] | None = None) -> GuestImage:
         key = _digest(inputs)
         target = debian.cache_dir() / "initramfs" / f"initramfs-{kernel.release}-{key}.cpio.gz"
         with debian.locked("initramfs"):
-            if not target.exists():
+            if target.exists():
+                target.touch()  # in use: keep it
+            else:
                 target.parent.mkdir(exist_ok=True)
-                for old in target.parent.glob(f"initramfs-{kernel.release}-*.cpio.gz"):
-                    old.unlink()
+                # Images nobody built or used for a week are stale.
+                for old in target.parent.glob("initramfs-*.cpio.gz"):
+                    if time.time() - old.stat().st_mtime > 7 * 86400:
+                        old.unlink()
                 archive = _archive(kernel, busybox, hog, host_files, extra)
                 partial = target.with_suffix(".tmp")
                 with open(partial, "wb") as f:

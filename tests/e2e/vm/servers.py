@@ -215,6 +215,36 @@ class Nbdcache(NbdServer):
         with urllib.request.urlopen(self.metrics_url, timeout=30) as response:
             return parse_prometheus(response.read().decode())
 
+    def counters(self) -> dict[str, float]:
+        """This export's counters by name, without the `nbdcache_` prefix."""
+        out: dict[str, float] = {}
+        label = f'{{export="{self.export}"}}'
+        for key, value in self.metrics().items():
+            if key.startswith("nbdcache_") and key.endswith(label):
+                name = key[len("nbdcache_") : -len(label)]
+                if not name.endswith("_created"):
+                    out[name] = value
+        return out
+
+    def settle(self, timeout: float = 120.0) -> dict[str, float]:
+        """Wait until background work is done: no writeback in flight, counters still.
+
+        The server punches the holes of trimmed pages and writes pages back
+        behind the client's requests; what it holds is only meaningful once
+        that has caught up. Returns the counters then (or at the deadline:
+        the caller's assertions say what was left).
+        """
+        deadline = time.monotonic() + timeout
+        last: dict[str, float] | None = None
+        while True:
+            now = self.counters()
+            if now.get("writeback_inflight", 0) == 0 and now == last:
+                return now
+            if time.monotonic() > deadline:
+                return now
+            last = now
+            time.sleep(1.0)
+
 
 def parse_prometheus(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
