@@ -110,8 +110,10 @@ class Device:
         self, waits: Sequence[asyncio.Future[None]], offset: int, length: int, fua: bool
     ) -> None:
         """Wait for queued pages, then make a FUA write durable."""
-        for w in waits:
-            await w
+        # Wait for every page (each one's error retrieved), then fail with the first.
+        for result in await asyncio.gather(*waits, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
         if fua:
             first = offset >> PAGE_SHIFT
             sync = self.store.sync_pages(first, ((offset + length + _MASK) >> PAGE_SHIFT) - first)

@@ -25,6 +25,15 @@ from vm.runner import GuestResult
 from vm.servers import Nbdcache, NbdkitMemory, NbdServer
 
 _REPORT: list[dict[str, Any]] = []
+#: nbdcache counters worth a line in the summary (all are in the JSON report).
+REPORTED_COUNTERS = (
+    "pages_written_back_total",
+    "pages_read_from_image_total",
+    "writes_waited_total",
+    "write_wait_ms_total",
+    "exclusive_releases_total",
+    "pages_punched_total",
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -137,6 +146,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         ):
             if run.get(key) is not None:
                 tr.write_line(f"    {key}={run[key]}")
+        counters = run.get("counters") or {}
+        shown = [f"{k}={int(counters[k])}" for k in REPORTED_COUNTERS if k in counters]
+        if shown:
+            tr.write_line("    " + " ".join(shown))
     for line in _ratio(_REPORT):
         tr.write_line(line)
     path = os.environ.get("NBDCACHE_E2E_REPORT")
