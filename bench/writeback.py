@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib.util
 import itertools
 import json
@@ -61,7 +60,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -71,6 +69,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+# Helpers shared with the main benchmark (this script's folder is on sys.path).
+from run import (
+    _interrupt,
+    _set_pdeathsig,
+    free_port,
+    human_size,
+    parse_size,
+    port_open,
+    tool_version,
+)
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -112,42 +121,6 @@ RANDOM_ARGS = ["--norandommap", "--randrepeat=0"]
 # --------------------------------------------------------------------------- helpers
 
 
-def parse_size(text: str) -> int:
-    """'256M' -> 268435456; plain numbers are bytes; K/M/G/T are powers of 1024."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
-    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
-
-
-def human_size(n: int) -> str:
-    """The shortest exact form with a K/M/G suffix, as nbdcache accepts it."""
-    for suffix, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
-        if n and n % (1 << shift) == 0:
-            return f"{n >> shift}{suffix}"
-    return str(n)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _set_pdeathsig() -> None:
-    """Child side: get SIGTERM if the benchmark dies, so no server outlives it."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def cpu_seconds(pid: int) -> float:
     """utime+stime of a process (threads included) and its reaped children."""
     try:
@@ -156,14 +129,6 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
     fields = raw[raw.rfind(")") + 2 :].split()
     return sum(int(x) for x in fields[11:15]) / CLK_TCK
-
-
-def tool_version(cmd: list[str]) -> str:
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        return (p.stdout or p.stderr).strip().splitlines()[0]
-    except (OSError, subprocess.TimeoutExpired, IndexError):
-        return "unknown"
 
 
 def fsync_path(path: Path) -> float:
@@ -835,10 +800,6 @@ def _use_project_venv() -> None:
     missing = importlib.util.find_spec("nbdcache") is None
     if missing and venv_python.exists() and Path(sys.executable) != venv_python:
         os.execv(venv_python, [str(venv_python), str(Path(__file__).resolve()), *sys.argv[1:]])
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def fs_type(path: Path) -> str:
