@@ -174,14 +174,15 @@ def discard_bound(result: GuestResult, config: GuestConfig) -> int:
     freed and trimmed. Everything else was trimmed. Without discard the
     server would still hold nearly everything the hog pushed out (at least
     its excess over the guest's RAM, less the zero pages); the bound allows
-    what the kernel uses plus a third of that excess for partly used
-    clusters.
+    what the kernel uses plus a third of what went out to swap (or of the
+    hog's excess, if larger) for partly used clusters.
     """
     swap = result.event("swap")
     assert swap is not None, result.describe_failure()
     still_used = int(swap[1]["used_kib"]) * 1024
     excess = (config.hog_mib - config.memory_mib) * MiB
-    return still_used + excess // 3
+    swapped_out = result.swap_traffic("after-hog")["pswpout"] * PAGE
+    return still_used + max(excess, swapped_out) // 3
 
 
 @pytest.mark.parametrize("kind", EVERYWHERE)

@@ -1,0 +1,310 @@
+#!/bin/bash
+# Attach an NBD export (an nbdcache server) as swap on this Linux host.
+#
+#   attach-swap.sh [--priority N] [--connections N] [--device /dev/nbdN] HOST:PORT[/EXPORT]
+#
+# Loads the nbd module if needed, asks the server about the export (reachable,
+# exists, writable, multi-conn), picks the first free /dev/nbdN (or the one
+# given), connects it with `nbd-client -b 4096 -swap -persist` (`-C N` with
+# --connections), marks it non-rotational, runs mkswap and
+# `swapon --discard=pages` (`-p N` with --priority), and prints the device.
+# Undo with detach-swap.sh DEVICE. Every refusal is one line on stderr and a
+# non-zero exit status (2: bad usage, 1: anything else).
+set -u
+export LC_ALL=C
+
+prog=${0##*/}
+STATE_DIR=/run/nbdcache-swap  # one file per device attached here: its target
+PROBE_TIMEOUT=20              # seconds for the server to answer the probe
+BLOCK_SIZE=4096
+
+die() {
+	echo "$prog: $*" >&2
+	exit 1
+}
+
+usage() {
+	if [ $# -gt 0 ]; then
+		echo "$prog: $* (see $prog --help)" >&2
+	else
+		echo "usage: $prog [--priority N] [--connections N] [--device /dev/nbdN] HOST:PORT[/EXPORT]" >&2
+	fi
+	exit 2
+}
+
+is_uint() {
+	case $1 in '' | *[!0-9]*) return 1 ;; esac
+	[ ${#1} -le 9 ]
+}
+
+priority= connections= device=
+while [ $# -gt 0 ]; do
+	case $1 in
+	-h | --help)
+		echo "usage: $prog [--priority N] [--connections N] [--device /dev/nbdN] HOST:PORT[/EXPORT]"
+		exit 0
+		;;
+	--priority | --connections | --device)
+		[ $# -ge 2 ] || usage "$1 needs a value"
+		opt=${1#--} value=$2
+		shift 2
+		;;
+	--priority=* | --connections=* | --device=*)
+		opt=${1%%=*} opt=${opt#--} value=${1#*=}
+		shift
+		;;
+	--)
+		shift
+		break
+		;;
+	-*) usage "unknown option $1" ;;
+	*) break ;;
+	esac
+	case $opt in
+	priority)
+		case $value in -1) ;; *) is_uint "$value" && [ "$value" -le 32767 ] ||
+			usage "--priority must be -1..32767, not '$value'" ;; esac
+		priority=$value
+		;;
+	connections)
+		is_uint "$value" && [ "$value" -ge 1 ] && [ "$value" -le 64 ] ||
+			usage "--connections must be 1..64, not '$value'"
+		connections=$value
+		;;
+	device)
+		case $value in /dev/nbd*) value=${value#/dev/} ;; esac
+		case $value in nbd[0-9]*) is_uint "${value#nbd}" || usage "not an NBD device: $value" ;;
+		*) usage "not an NBD device: $value" ;; esac
+		device=$value
+		;;
+	esac
+done
+[ $# -eq 1 ] || usage "expected one HOST:PORT[/EXPORT]"
+
+# HOST:PORT[/EXPORT], an IPv6 address in brackets: [::1]:10809/swap
+target=$1
+case $target in
+*/*) hostport=${target%%/*} export_name=${target#*/} ;;
+*) hostport=$target export_name= ;;
+esac
+case $hostport in
+\[*\]:*)
+	host=${hostport%%]:*} host=${host#[} port=${hostport##*]:}
+	;;
+*:*)
+	host=${hostport%:*} port=${hostport##*:}
+	case $host in *:*) usage "put an IPv6 address in brackets: [$host]:$port" ;; esac
+	;;
+*) usage "no port in '$target' (HOST:PORT[/EXPORT])" ;;
+esac
+[ -n "$host" ] || usage "no host in '$target'"
+is_uint "$port" && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] || usage "bad port '$port' in '$target'"
+[ ${#export_name} -le 4096 ] || usage "export name longer than 4096 bytes"
+key="$host $port $export_name"
+
+[ "$(id -u)" = 0 ] || die "must be run as root (it attaches /dev/nbdN and enables swap)"
+command -v nbd-client >/dev/null || die "nbd-client not found (Debian/Ubuntu: apt-get install nbd-client)"
+for tool in mkswap swapon; do
+	command -v "$tool" >/dev/null || die "$tool not found (util-linux)"
+done
+
+# The kernel's NBD client.
+if [ ! -e /sys/block/nbd0 ]; then
+	modprobe nbd 2>/dev/null || die "cannot load the nbd kernel module (modprobe nbd failed)"
+	i=0
+	while [ ! -e /sys/block/nbd0 ] && [ $i -lt 50 ]; do
+		sleep 0.1
+		i=$((i + 1))
+	done
+	[ -e /sys/block/nbd0 ] || die "the nbd module is loaded but there is no /dev/nbd0 (nbds_max=0?)"
+fi
+
+sectors() { cat "/sys/block/$1/size" 2>/dev/null || echo 0; }
+# Attached: a size, or a connection (the kernel shows its pid while connected).
+in_use() { [ "$(sectors "$1")" != 0 ] || [ -e "/sys/block/$1/pid" ]; }
+
+# Serialise attaches (choosing a device and connecting it), when flock exists.
+mkdir -p "$STATE_DIR" || die "cannot create $STATE_DIR"
+if command -v flock >/dev/null; then
+	exec 9>"$STATE_DIR/.lock" || die "cannot open $STATE_DIR/.lock"
+	flock -w 60 9 || die "another attach is still running (lock $STATE_DIR/.lock)"
+fi
+
+# The same export twice would be two swap areas on one disk: refuse.
+for state in "$STATE_DIR"/nbd*; do
+	[ -f "$state" ] || continue
+	name=${state##*/}
+	if ! in_use "$name"; then
+		rm -f "$state" # detached behind our back
+		continue
+	fi
+	[ "$(cat "$state")" = "$key" ] && die "$target is already attached as /dev/$name (busy; detach-swap.sh /dev/$name first)"
+done
+
+# Ask the server about the export before touching a device: reachable, an
+# NBD server, the export exists, writable, and whether it offers multi-conn.
+# NBD fixed-newstyle handshake over bash's /dev/tcp: NBD_OPT_INFO, then
+# NBD_OPT_ABORT. Prints "ok SIZE FLAGS", "unknown" or "err MESSAGE".
+nbd_probe() {
+	local host=$1 port=$2 name=$3 errf=$4
+	local IHAVEOPT='\x49\x48\x41\x56\x45\x4f\x50\x54'
+	rd() { # N bytes from the socket, as decimal numbers; fails when short
+		local out n
+		out=$(dd bs=1 count="$1" <&3 2>/dev/null | od -An -v -tu1) || return 1
+		set -- "$1" $out
+		n=$1
+		shift
+		[ $# -eq "$n" ] || return 1
+		echo "$*"
+	}
+	be32() { printf '\\x%02x\\x%02x\\x%02x\\x%02x' $(($1 >> 24 & 255)) $(($1 >> 16 & 255)) $(($1 >> 8 & 255)) $(($1 & 255)); }
+	num() { local v=0 b; for b in "$@"; do v=$((v * 256 + b)); done; echo $v; }
+	text() { local b; for b in "$@"; do [ "$b" -ge 32 ] && [ "$b" -lt 127 ] && printf "\\$(printf %03o "$b")"; done; }
+	if ! { exec 3<>"/dev/tcp/$host/$port"; } 2>"$errf"; then
+		echo "err cannot connect to $host port $port: $(sed -n '$s/.*: //p' "$errf")"
+		return
+	fi
+	local g
+	g=$(rd 18) || { echo "err $host:$port closed the connection: not an NBD server?"; return; }
+	set -- $g
+	if [ "$*" = "78 66 68 77 65 71 73 67 0 0 66 2 129 134 18 83 ${17} ${18}" ]; then
+		echo "err $host:$port is an old-style NBD server: nbd-client cannot attach it"
+		return
+	fi
+	[ "${*:1:16}" = "78 66 68 77 65 71 73 67 73 72 65 86 69 79 80 84" ] ||
+		{ echo "err $host:$port is not an NBD server"; return; }
+	if [ $((${18} & 1)) = 0 ]; then
+		echo unknown # no fixed newstyle: no NBD_OPT_INFO to ask with
+		return
+	fi
+	printf '\x00\x00\x00\x01' >&3 # NBD_FLAG_C_FIXED_NEWSTYLE
+	printf "$IHAVEOPT$(be32 6)$(be32 $((4 + ${#name} + 2)))$(be32 ${#name})" >&3
+	printf '%s\x00\x00' "$name" >&3
+	local h data t len size= flags= answer=
+	while :; do
+		h=$(rd 20) || { echo "err $host:$port closed the connection during the handshake"; return; }
+		set -- $h
+		[ "${*:1:8}" = "0 3 232 137 4 85 101 169" ] || { echo "err $host:$port sent a malformed option reply"; return; }
+		t=$(num "${@:13:4}") len=$(num "${@:17:4}")
+		[ "$len" -le 65536 ] || { echo "err $host:$port sent an oversized option reply"; return; }
+		data=
+		if [ "$len" -gt 0 ]; then
+			data=$(rd "$len") || { echo "err $host:$port closed the connection during the handshake"; return; }
+		fi
+		set -- $data
+		case $t in
+		1) break ;;                                          # NBD_REP_ACK
+		3) if [ "$len" -ge 12 ] && [ "$1 $2" = "0 0" ]; then # NBD_REP_INFO, NBD_INFO_EXPORT
+			size=$(num "${@:3:8}") flags=$(num "${@:11:2}")
+		fi ;;
+		2147483649) answer=unknown; break ;; # NBD_REP_ERR_UNSUP: no NBD_OPT_INFO
+		*)
+			if [ "$t" -ge 2147483648 ]; then
+				local why
+				why=$(text "$@")
+				if [ "$t" = 2147483654 ]; then # NBD_REP_ERR_UNKNOWN
+					answer="err $host:$port has no export named '$name'"
+				else
+					answer="err $host:$port refused export '$name': ${why:-error $((t - 2147483648))}"
+				fi
+				break
+			fi
+			;;
+		esac
+	done
+	printf "$IHAVEOPT$(be32 2)$(be32 0)" >&3 # NBD_OPT_ABORT
+	rd 20 >/dev/null
+	exec 3>&-
+	if [ -n "$answer" ]; then
+		echo "$answer"
+	elif [ -n "$size" ]; then
+		echo "ok $size $flags"
+	else
+		echo unknown
+	fi
+}
+
+errf=$(mktemp) || die "cannot create a temporary file"
+probe_src="$(declare -f nbd_probe); nbd_probe \"\$@\""
+if command -v timeout >/dev/null; then
+	probe=$(timeout "$PROBE_TIMEOUT" bash -c "$probe_src" nbd_probe "$host" "$port" "$export_name" "$errf" 2>/dev/null)
+else
+	probe=$(bash -c "$probe_src" nbd_probe "$host" "$port" "$export_name" "$errf" 2>/dev/null)
+fi
+rm -f "$errf"
+case $probe in
+"ok "*)
+	set -- $probe
+	size=$2 flags=$3
+	[ "$size" -gt 0 ] || die "export '$export_name' on $host:$port is empty"
+	[ $((flags & 2)) = 0 ] || die "export '$export_name' on $host:$port is read-only"
+	if [ "${connections:-1}" -gt 1 ] && [ $((flags & 256)) = 0 ]; then
+		die "export '$export_name' on $host:$port does not offer multi-conn: --connections $connections refused"
+	fi
+	;;
+unknown) ;; # an older server: nbd-client finds out the rest
+"err "*) die "${probe#err }" ;;
+*) die "$host:$port did not complete an NBD handshake within $PROBE_TIMEOUT s (unreachable?)" ;;
+esac
+
+# The device: the one asked for if free, else the first free one.
+if [ -n "$device" ]; then
+	[ -e "/sys/block/$device" ] || die "no such device /dev/$device"
+	in_use "$device" && die "/dev/$device is busy (already attached)"
+else
+	i=0
+	while [ -e "/sys/block/nbd$i" ]; do
+		if ! in_use "nbd$i"; then
+			device=nbd$i
+			break
+		fi
+		i=$((i + 1))
+	done
+	[ -n "$device" ] || die "every /dev/nbdN is busy ($i devices; load nbd with a larger nbds_max)"
+fi
+dev=/dev/$device
+[ -b "$dev" ] || die "$dev is not a block device node"
+
+detach() {
+	nbd-client -d "$dev" >/dev/null 2>&1
+	rm -f "$STATE_DIR/$device"
+}
+
+set -- "$host" "$port" "$dev"
+[ -z "$export_name" ] || set -- "$@" -N "$export_name"
+set -- "$@" -b "$BLOCK_SIZE" -swap -persist
+[ -z "$connections" ] || set -- "$@" -C "$connections"
+if ! out=$(nbd-client "$@" 2>&1 </dev/null 9>&-); then
+	why=$(printf '%s\n' "$out" | sed -n '/[^[:space:]]/h; ${x;p}')
+	in_use "$device" && die "$dev is busy: ${why:-nbd-client failed}"
+	die "nbd-client could not attach $target to $dev: ${why:-no message}"
+fi
+echo "$key" >"$STATE_DIR/$device"
+
+i=0
+while [ "$(sectors "$device")" = 0 ] && [ $i -lt 100 ]; do
+	sleep 0.1
+	i=$((i + 1))
+done
+[ "$(sectors "$device")" != 0 ] || {
+	detach
+	die "$dev did not come up after nbd-client"
+}
+
+# The kernel discards freed swap clusters only on non-rotational devices.
+rotational=/sys/block/$device/queue/rotational
+if [ -w "$rotational" ]; then
+	echo 0 2>/dev/null >"$rotational" || true
+fi
+
+if ! out=$(mkswap "$dev" 2>&1); then
+	detach
+	die "mkswap $dev failed: $(printf '%s\n' "$out" | sed -n '/[^[:space:]]/h; ${x;p}')"
+fi
+set -- --discard=pages
+[ -z "$priority" ] || set -- "$@" -p "$priority"
+if ! out=$(swapon "$@" "$dev" 2>&1); then
+	detach
+	die "swapon $dev failed: $(printf '%s\n' "$out" | sed -n '/[^[:space:]]/h; ${x;p}')"
+fi
+echo "$dev"
