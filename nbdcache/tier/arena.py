@@ -371,6 +371,32 @@ class StampLRU:
         return out
 
 
+class FrameEviction:
+    """LRU of whole frames, for the allocators that evict frames (zbud, z3fold).
+
+    A subclass sets `lru` (a `StampLRU` keyed by frame) and says which pages
+    live in a frame; writeback then gets whole frames, coldest first.
+    """
+
+    lru: StampLRU
+
+    def frame_pages(self, frame: int) -> list[int]:
+        raise NotImplementedError
+
+    def coldest(self, count: int) -> list[int]:
+        """Pages of the coldest frames, whole frames, until `count` are listed."""
+        pages: list[int] = []
+        if count > 0:
+            for frame in self.lru.iter_coldest():
+                pages.extend(self.frame_pages(frame))
+                if len(pages) >= count:
+                    break
+        return pages
+
+    def make_cold(self, handle: int, pgno: int) -> None:
+        self.lru.make_cold((handle >> HANDLE_SHIFT) >> PAGE_SHIFT)
+
+
 class Allocator(Protocol):
     """What the tier needs from zbud, z3fold and zsmalloc.
 

@@ -28,6 +28,7 @@ from nbdcache.tier.arena import (
     NIL,
     Arena,
     ArenaFull,
+    FrameEviction,
     FrameLists,
     ObjectInfo,
     StampLRU,
@@ -41,7 +42,7 @@ _CHUNK_ROUND: Final = CHUNK_SIZE - 1
 _OFFSET_MASK: Final = PAGE_SIZE - 1
 
 
-class Zbud:
+class Zbud(FrameEviction):
     """Two buddies per frame; see the module docstring."""
 
     name = "zbud"
@@ -160,19 +161,6 @@ class Zbud:
         if self.last[frame]:
             pages.append(self.last_pgno[frame])
         return pages
-
-    def coldest(self, count: int) -> list[int]:
-        """Pages of the coldest frames, whole frames, until `count` are listed."""
-        pages: list[int] = []
-        if count > 0:
-            for frame in self.lru.iter_coldest():
-                pages.extend(self.frame_pages(frame))
-                if len(pages) >= count:
-                    break
-        return pages
-
-    def make_cold(self, handle: int, pgno: int) -> None:
-        self.lru.make_cold((handle >> HANDLE_SHIFT) >> PAGE_SHIFT)
 
     def compact(self) -> int:
         """zbud frames are never sparse enough to be worth compacting."""
