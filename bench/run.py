@@ -138,6 +138,22 @@ PAGESET_READ = Job("randread-4k", "randread-4k.fio", "read", 4 * KiB)
 # --------------------------------------------------------------------------- processes
 
 
+def launch(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a server in its own session, logging to `log_path`; it dies with us."""
+    with open(log_path, "wb") as log:
+        log.write(f"$ {shlex.join(argv)}\n".encode())
+        log.flush()
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_set_pdeathsig,
+            cwd=ROOT,
+        )
+
+
 def _set_pdeathsig() -> None:
     """Child side: get SIGTERM if the benchmark dies, so no server outlives it."""
     with contextlib.suppress(Exception):
@@ -316,18 +332,7 @@ class Server:
         return self.proc.pid
 
     def start(self) -> None:
-        with open(self.log, "wb") as log:
-            log.write(f"$ {shlex.join(self.argv)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_set_pdeathsig,
-                cwd=ROOT,
-            )
+        self.proc = launch(self.argv, self.log)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         """Ready when the port accepts connections and nbdinfo sees the export size."""

@@ -73,9 +73,9 @@ from typing import Any
 # Helpers shared with the main benchmark (this script's folder is on sys.path).
 from run import (
     _interrupt,
-    _set_pdeathsig,
     free_port,
     human_size,
+    launch,
     parse_size,
     port_open,
     tool_version,
@@ -283,18 +283,7 @@ class Server:
         return f"http://{HOST}:{self.mport}/metrics"
 
     def start(self, timeout: float = 60.0) -> None:
-        with open(self.log, "wb") as log:
-            log.write(f"$ {shlex.join(self.argv)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_set_pdeathsig,
-                cwd=ROOT,
-            )
+        self.proc = launch(self.argv, self.log)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
