@@ -7,14 +7,14 @@ from hypothesis import strategies as st
 
 from nbdcache.device import Device
 from nbdcache.tier import STATE_HOLE, STATE_ZERO
-from nbdcache.tier.simple import DictStore
+from nbdcache.tier.ram import RamTier
 
 PAGES = 8
 SIZE = PAGES * 4096
 
 
 def device() -> Device:
-    return Device(DictStore(PAGES), SIZE)
+    return Device(RamTier(PAGES, 1 << 20), SIZE)
 
 
 def read(dev: Device, offset: int, length: int) -> bytes:
