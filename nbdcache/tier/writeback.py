@@ -413,48 +413,43 @@ class WritebackStore:
                 ranges.append((m.start(), m.end() - m.start()))
         self._reserving = True
         fut = self.image.submit(self._reserve_blocking, ranges, wanted)
-        fut.add_done_callback(lambda f: self._reserved(ranges, wanted, f))
+        fut.add_done_callback(lambda f: self._reserved(wanted, f))
 
-    def _reserve_blocking(self, ranges: list[tuple[int, int]], wanted: list[int]) -> set[int]:
-        """Reserve the ranges (pool thread); returns the wanted pages left without room."""
-        failed: set[int] = set()
+    def _reserve_blocking(
+        self, ranges: list[tuple[int, int]], wanted: list[int]
+    ) -> list[tuple[int, int]]:
+        """Reserve the ranges (pool thread); returns the (first, count) reserved."""
+        done: list[tuple[int, int]] = []
         for first, count in ranges:
             try:
                 self.image.reserve(first << PAGE_SHIFT, count << PAGE_SHIFT)
+                done.append((first, count))
             except OSError:
                 # Full: fall back to the pages writes wait for, one by one.
                 for pgno in wanted:
                     if first <= pgno < first + count:
                         try:
                             self.image.reserve(pgno << PAGE_SHIFT, PAGE_SIZE)
+                            done.append((pgno, 1))
                         except OSError:
-                            failed.add(pgno)
-                failed.add(-1 - first)  # the range as a whole is not reserved
-        return failed
+                            pass
+        return done
 
-    def _reserved(
-        self, ranges: list[tuple[int, int]], wanted: list[int], fut: asyncio.Future[set[int]]
-    ) -> None:
+    def _reserved(self, wanted: list[int], fut: asyncio.Future[list[tuple[int, int]]]) -> None:
         self._reserving = False
         if self._closed:
             return
         img = self.img
-        failed = set(wanted) if fut.exception() is not None else fut.result()
-        for first, count in ranges:
-            if -1 - first in failed:
-                continue
+        for first, count in [] if fut.exception() is not None else fut.result():
             for pgno in range(first, first + count):
                 if img[pgno] == IMG_NONE:
                     img[pgno] = IMG_CLEAN  # blocks exist, content still a hole
-        for pgno in wanted:
-            if pgno not in failed and img[pgno] == IMG_NONE:
-                img[pgno] = IMG_CLEAN
-        lost = [p for p in wanted if p in failed]
-        if lost:
-            self.reservation_failures += len(lost)
+        failed = {p for p in wanted if img[p] == IMG_NONE}
+        if failed:
+            self.reservation_failures += len(failed)
             keep: deque[_Waiter] = deque()
             for w in self.waiters:
-                if img[w.pgno] == IMG_NONE and w.pgno in failed:
+                if w.pgno in failed:
                     self._unqueue(w)
                     if not w.future.done():
                         w.future.set_exception(
