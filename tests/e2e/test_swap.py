@@ -294,6 +294,12 @@ def test_discard_once_trims_whole_device_at_swapon(
     assert_clean_exit(server)
 
 
+@pytest.mark.skipif(
+    PROFILE.name != "full",
+    reason="the guest nbd driver stalls now and then under emulation on a loaded host "
+    "(hung kworker, no server error): runs with NBDCACHE_E2E=full; "
+    "test_attach_scripts_in_guest covers the same driver in CI",
+)
 @pytest.mark.parametrize("kind", EVERYWHERE)
 def test_guest_nbd_driver_swaps(
     guest_image: GuestImage,
