@@ -310,6 +310,11 @@ class RamTier:
         self._handle[pgno] = 0
         self._state[pgno] = DISK
 
+    def on_disk(self, pgno: int) -> None:
+        """The image got the page's newest content directly: drop what the
+        tier held for it, whatever its state (-> DISK)."""
+        self._fill(pgno, DISK, 0)
+
     def make_cold(self, pgno: int) -> None:
         """Move a RAM page (zbud, z3fold: its frame) to the cold end of the LRU."""
         if self._state[pgno] == RAM:

@@ -35,24 +35,41 @@ z3fold), writes runs of adjacent pages with one `pwritev`, and keeps at most
 that left RAM dirty (trimmed, zeroed, same-filled) are brought to the image
 in the background, adjacent ones merged into one `fallocate`.
 
-Backpressure: a write that finds the arena full waits, in arrival order,
-behind any earlier waiting write, until writeback makes room; past
-`wait_timeout` it fails with EIO.  A failed image write leaves the page dirty
-in RAM; writeback backs off and retries.
+A full tier (zswap's "pool limit hit"): once a store finds the arena full,
+whole-page writes to pages that have image blocks and no I/O in flight go
+straight to the image (write-through) until eviction brings the arena back
+under the high watermark, as zswap sends a page straight to the swap device
+when its pool is full.  Compressing a page, packing it and later unpacking it
+for writeback costs far more than writing it once, and a full tier under a
+stream of writes would otherwise make every write wait for an eviction.  The
+write is acknowledged when the image has it; until then reads of the page
+return its new content from `through`.  Pages written in one event-loop turn
+are merged into one `pwritev` per run of adjacent pages.  If the image write
+fails, the page's old copy is untouched (it is dropped only on success) and
+the write falls back to waiting for room.
+
+Backpressure: a write that cannot go through (a partial page, a page with
+I/O in flight or queued writes, a page without image blocks yet) waits, in
+arrival order, behind any earlier waiting write, until writeback makes room;
+past `wait_timeout` it fails with EIO, and so does a write-through the image
+has not taken by then.  A failed image write leaves the page dirty in RAM;
+writeback backs off and retries.
 
 Exclusive gets: ``off`` promotes pages read from the image into RAM as clean
 (when below the high watermark); ``lazy`` moves a page read from RAM to the
 cold end of the LRU; ``eager`` releases the RAM copy right after the read
 (after writing it back if it was dirty).
 
-Incompressible pages: the RAM tier keeps them raw; here they are made cold at
-once, so they are the first written back: they reach the image through the
-same single write path as every other page.
+Incompressible pages go straight to the image: a whole-page write of one is
+written through (its raw RAM copy is dropped once the image has it).  Those
+that reach RAM another way (a patch, a queued write) are made cold at once,
+so they are the first written back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -121,6 +138,22 @@ class _Waiter:
     queued: bool = True  # still counted in WritebackStore.queued
 
 
+#: Write-through pages of one event-loop turn, with the futures of their writes.
+_Turn = list[tuple[int, "asyncio.Future[None]"]]
+
+
+def _chain(source: asyncio.Future[None], *, target: asyncio.Future[None]) -> None:
+    """Give `target` the outcome of `source` (unless it has one already)."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif (exc := source.exception()) is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(None)
+
+
 def runs(pages: list[int], longest: int = _MAX_RUN) -> Iterator[tuple[int, int]]:
     """(first, count) of each run of consecutive page numbers (input sorted),
     cut at `longest` pages: one image I/O each."""
@@ -151,6 +184,10 @@ class WritebackStore:
         self.touched: set[int] = set()  # changed while their I/O was in flight
         self.punching: set[int] = set()  # holes being punched: blocks going away
         self.reads: dict[int, asyncio.Future[bytes]] = {}
+        self.through: dict[int, bytes] = {}  # written through, in flight: newest data
+        self._through_turn: _Turn = []
+        self._through_io: asyncio.Future[None] | None = None  # this turn's, for `busy`
+        self.full = False  # a store found the arena full: write through for now
         self.waiters: deque[_Waiter] = deque()
         self.queued: dict[int, int] = {}  # page -> its writes in `waiters`
         self.evicting = False
@@ -166,6 +203,7 @@ class WritebackStore:
         self._sync_failed = False  # an fdatasync failed: the image is not to be trusted
         # Counters.
         self.pages_written_back = 0
+        self.pages_written_through = 0
         self.writeback_batches = 0
         self.writeback_errors = 0
         self.pages_read_from_image = 0
@@ -222,6 +260,8 @@ class WritebackStore:
         return self.ram.page_count
 
     def load(self, pgno: int) -> bytes | memoryview | asyncio.Future[bytes]:
+        if pgno in self.through and pgno not in self.touched:
+            return self.through[pgno]
         ram = self.ram
         state = ram.state(pgno)
         if state != DISK:
@@ -244,14 +284,28 @@ class WritebackStore:
     def store(self, pgno: int, data: bytes | memoryview) -> asyncio.Future[None] | None:
         if pgno in self.queued or self._unreserved(pgno):
             return self._enqueue(pgno, data, -1)
+        # Full: a same-filled page still costs no frame (only those can
+        # start with two equal bytes 8 apart); anything else goes through.
+        if self.full and pgno not in self.busy and data[0] != data[8]:
+            return self._write_through(pgno, data)
         try:
-            self._store_now(pgno, data)
+            incompressible = self._store_now(pgno, data)
         except ArenaFull:
+            self.full = True
+            if pgno not in self.busy:
+                return self._write_through(pgno, data)
             return self._enqueue(pgno, data, -1)
+        if incompressible and pgno not in self.busy:
+            return self._write_through(pgno, data)  # not worth packing: to the image
         return None
 
     def patch(self, pgno: int, start: int, data: bytes | memoryview) -> asyncio.Future[None] | None:
-        if pgno in self.queued or self._unreserved(pgno) or self.ram.state(pgno) == DISK:
+        if (
+            pgno in self.queued
+            or pgno in self.through
+            or self._unreserved(pgno)
+            or self.ram.state(pgno) == DISK
+        ):
             return self._enqueue(pgno, data, start)
         page = bytearray(self.ram.load(pgno))
         page[start : start + len(data)] = data
@@ -291,8 +345,10 @@ class WritebackStore:
 
     # --- writes ---------------------------------------------------------------
 
-    def _store_now(self, pgno: int, data: bytes | bytearray | memoryview) -> None:
-        """Store in RAM (raises ArenaFull); the image is now behind."""
+    def _store_now(self, pgno: int, data: bytes | bytearray | memoryview) -> bool:
+        """Store in RAM (raises ArenaFull); the image is now behind.
+
+        Returns whether the page was incompressible (kept raw, made cold)."""
         ram = self.ram
         huge = ram.huge_pages
         ram.store(pgno, data if isinstance(data, bytes | memoryview) else memoryview(data))
@@ -302,7 +358,95 @@ class WritebackStore:
             self._offram_changed()
         elif ram.huge_pages > huge:
             ram.make_cold(pgno)  # incompressible: first to go to the image
+            huge = -1
         if ram.arena.frames_used >= self._high:
+            self._schedule()
+        return huge < 0
+
+    def _write_through(self, pgno: int, data: bytes | memoryview) -> asyncio.Future[None]:
+        """Send a whole page to the image; the tier keeps its old copy until then."""
+        loop = asyncio.get_running_loop()
+        if self._through_io is None:
+            self._through_io = loop.create_future()
+            loop.call_soon(self._issue_through)
+        fut: asyncio.Future[None] = loop.create_future()
+        self.through[pgno] = bytes(data)
+        self.busy[pgno] = self._through_io
+        self._through_turn.append((pgno, fut))
+        return fut
+
+    def _issue_through(self) -> None:
+        """Write this turn's write-through pages, one `pwritev` per run."""
+        turn = sorted(self._through_turn, key=lambda t: t[0])
+        turn_io = self._through_io
+        assert turn_io is not None
+        self._through_turn = []
+        self._through_io = None
+        loop = asyncio.get_running_loop()
+        expiry = loop.call_later(self.policy.wait_timeout, self._through_expired, turn)
+        left = [len(turn)]
+        i = 0
+        while i < len(turn):
+            j = i + 1
+            while j < len(turn) and j - i < _MAX_RUN and turn[j][0] == turn[j - 1][0] + 1:
+                j += 1
+            run = turn[i:j]
+            data = [self.through[pgno] for pgno, _ in run]
+            io = self.image.submit(self.image.write, run[0][0] << PAGE_SHIFT, data)
+
+            def done(f: asyncio.Future[None], run: _Turn = run) -> None:
+                self._through_done(run, f)
+                left[0] -= len(run)
+                if not left[0]:
+                    expiry.cancel()
+                    turn_io.set_result(None)
+
+            io.add_done_callback(done)
+            i = j
+
+    def _through_expired(self, turn: _Turn) -> None:
+        for pgno, fut in turn:
+            if not fut.done():
+                fut.set_exception(
+                    StoreIOError(
+                        f"page {pgno}: the backing image did not take the write in "
+                        f"{self.policy.wait_timeout:g} s"
+                    )
+                )
+
+    def _through_done(self, run: _Turn, io: asyncio.Future[None]) -> None:
+        pages = [pgno for pgno, _ in run]
+        for pgno in pages:
+            del self.busy[pgno]
+        untouched = [self._untouched(pgno) for pgno in pages]
+        failed = io.cancelled() or io.exception() is not None
+        if failed and not self._closed:
+            self._io_failed("write-through", pages, io)
+        ram = self.ram
+        for (pgno, fut), same in zip(run, untouched, strict=True):
+            data = self.through.pop(pgno)
+            if not same:
+                # Rewritten, trimmed or zeroed meanwhile: that is newer, and
+                # whoever changed the page marked the image dirty.
+                self.offram_dirty = True
+                if not fut.done():
+                    fut.set_result(None)
+            elif not failed:
+                ram.on_disk(pgno)
+                self.img[pgno] = IMG_CLEAN
+                self.pages_written_through += 1
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                if ram.state(pgno) == RAM:
+                    self.img[pgno] = IMG_DIRTY  # the image may hold part of it
+                if not fut.done() and not self._closed:
+                    # The old copy stands; the write waits for room instead.
+                    self._enqueue(pgno, data, -1).add_done_callback(
+                        functools.partial(_chain, target=fut)
+                    )
+        if not self._closed:
+            self._pump_waiters()
             self._schedule()
 
     def _enqueue(self, pgno: int, data: bytes | memoryview, start: int) -> asyncio.Future[None]:
@@ -343,10 +487,13 @@ class WritebackStore:
                 return
             data: bytes | bytearray = w.data
             if w.start >= 0:
-                if self.ram.state(w.pgno) == DISK and w.base is None:
+                if w.pgno in self.through and w.pgno not in self.touched:
+                    base: bytes | None = self.through[w.pgno]  # written through, in flight
+                elif self.ram.state(w.pgno) == DISK and w.base is None:
                     self._fetch_base(w)
                     return
-                base = w.base if self.ram.state(w.pgno) == DISK else self.ram.load(w.pgno)
+                else:
+                    base = w.base if self.ram.state(w.pgno) == DISK else self.ram.load(w.pgno)
                 assert base is not None
                 data = bytearray(base)
                 data[w.start : w.start + len(w.data)] = w.data
@@ -528,6 +675,8 @@ class WritebackStore:
             asyncio.get_running_loop().call_later(self._backoff_until - now, self._run)
             return
         used = self.ram.arena.frames_used
+        if used < self._high:
+            self.full = False  # as zswap's accept threshold: room again
         if used >= self._high or (self.waiters and self.evicting):
             self.evicting = True
         if self.evicting and used <= self._low and not self.waiters:
@@ -788,6 +937,7 @@ class WritebackStore:
         out.update(
             {
                 "pages_written_back_total": self.pages_written_back,
+                "pages_written_through_total": self.pages_written_through,
                 "writeback_batches_total": self.writeback_batches,
                 "writeback_errors_total": self.writeback_errors,
                 "writeback_inflight": self.inflight,
