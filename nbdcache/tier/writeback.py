@@ -136,6 +136,7 @@ class _Waiter:
     base: bytes | None = None  # a patched DISK page's content, once read
     since: float = field(default_factory=time.monotonic)
     queued: bool = True  # still counted in WritebackStore.queued
+    timer: asyncio.TimerHandle | None = None  # its `wait_timeout`
 
 
 #: Write-through pages of one event-loop turn, with the futures of their writes.
@@ -455,12 +456,18 @@ class WritebackStore:
         self.waiters.append(waiter)
         self.queued[pgno] = self.queued.get(pgno, 0) + 1
         self.writes_waited += 1
-        loop.call_later(self.policy.wait_timeout, self._expire, waiter)
+        waiter.timer = loop.call_later(self.policy.wait_timeout, self._expire, waiter)
         self._pump_waiters()
         return waiter.future
 
     def _unqueue(self, w: _Waiter) -> None:
-        """`w` leaves the queue (stored, failed or expired)."""
+        """`w` leaves the queue (stored, failed or expired).
+
+        Its timer goes too: a live timer would hold the page's data for
+        the whole `wait_timeout` (a fast fill would keep gigabytes)."""
+        if w.timer is not None:
+            w.timer.cancel()
+            w.timer = None
         if w.queued:
             w.queued = False
             left = self.queued[w.pgno] - 1

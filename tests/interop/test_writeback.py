@@ -90,6 +90,41 @@ def test_fio_verify_on_a_device_8x_the_tier(
     assert "pages_written_back_total" in out
 
 
+def rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS"))) << 10
+
+
+def test_memory_stays_near_the_tier_while_a_fill_streams_through(
+    start_server: Fixture, run: Fixture, tool: Fixture, tmp_path: Path
+) -> None:
+    """Writes queued for a reservation or for room hold their data only while
+    they wait: 384 MiB written through a 16 MiB tier leave no trace in RSS."""
+    tool("fio")
+    server = start_server(
+        size="384M", extra_args=["--ram", "16M", "--backing", str(tmp_path / "img")]
+    )
+    before = rss(server.proc.pid)
+    run(
+        [
+            "fio",
+            "--name=fill",
+            "--ioengine=nbd",
+            f"--uri={server.uri()}",
+            "--rw=write",
+            "--bs=1M",
+            "--iodepth=8",
+            "--size=384M",
+            "--buffer_compress_percentage=60",
+            "--refill_buffers",
+        ],
+        timeout=600,
+        cwd=tmp_path,
+    )
+    grown = rss(server.proc.pid) - before
+    assert grown < 16 * MiB + 64 * MiB, f"server RSS grew by {grown >> 20} MiB"
+
+
 @pytest.fixture
 def restartable(tmp_path: Path) -> Iterator[Callable[[list[str]], subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
