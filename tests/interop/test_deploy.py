@@ -136,3 +136,18 @@ def test_mlock_locks_the_server_and_trim_still_works(
     assert "failed" not in (out.stdout + out.stderr).lower()
     assert kib(proc_status(server.proc.pid)["VmLck"]) >= 8 << 10
     assert "memory locked" in server.log()
+
+
+def test_systemd_units_are_valid(tmp_path: Path, run: Fixture, tool: Fixture) -> None:
+    # systemd-analyze checks every directive; the unit's ExecStart must exist,
+    # so it points at this installation's nbdcache.
+    tool("systemd-analyze")
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
+    service = (deploy / "nbdcache.service").read_text()
+    assert "/opt/nbdcache/bin/nbdcache serve" in service
+    (tmp_path / "nbdcache.service").write_text(
+        service.replace("/opt/nbdcache/bin/nbdcache", nbdcache_command()[0])
+    )
+    (tmp_path / "nbdcache.socket").write_text((deploy / "nbdcache.socket").read_text())
+    out = run(["systemd-analyze", "verify", "nbdcache.service", "nbdcache.socket"], cwd=tmp_path)
+    assert "nbdcache" not in out.stdout + out.stderr
