@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,51 @@ def test_socket_activation_serves_on_the_passed_sockets_only(
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", own_port)):
         pass
     assert "socket activation" in server.log()
+
+
+#: A launcher that passes fd argv[1] as fd 3 with LISTEN_FDS=1 and
+#: LISTEN_PID=argv[2] (empty: its own pid, which the exec'd server keeps).
+LAUNCHER = """
+import os, sys
+os.dup2(int(sys.argv[1]), 3)
+os.environ["LISTEN_FDS"] = "1"
+os.environ["LISTEN_PID"] = sys.argv[2] or str(os.getpid())
+os.execv(sys.argv[3], sys.argv[3:])
+"""
+
+
+def test_sockets_passed_to_another_pid_are_left_alone(tmp_path: Path, run: Fixture) -> None:
+    # LISTEN_PID names another process: the server opens its own listener.
+    with socket.create_server(("127.0.0.1", 0)) as passed:
+        own = free_port()
+        argv = [sys.executable, "-c", LAUNCHER, str(passed.fileno()), "1"]
+        argv += [*nbdcache_command(), "serve", "--listen", f"127.0.0.1:{own}", "--size", "4M"]
+        server = _start_with_fds(argv, own, tmp_path, passed.fileno())
+        try:
+            info = json.loads(run(["nbdinfo", "--json", server.uri()]).stdout)
+            assert info["exports"][0]["export-size"] == 4 << 20
+            assert "socket activation" not in server.log()
+        finally:
+            assert server.stop() == 0
+
+
+def _start_with_fds(argv: list[str], port: int, log_dir: Path, fd: int) -> Server:
+    """Like conftest._start, with `fd` inherited by the launcher."""
+    log_path = log_dir / "launched.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, pass_fds=[fd]
+        )
+    server = Server(proc=proc, argv=argv, log_path=log_path, host="127.0.0.1", port=port)
+    probe_argv = ["--connect", f"127.0.0.1:{port}"]
+    for _ in range(600):
+        if probe(*probe_argv).returncode == 0:
+            return server
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{server.log()}")
+        time.sleep(0.1)
+    server.stop()
+    pytest.fail(f"server not ready:\n{server.log()}")
 
 
 def test_probe_completes_a_handshake(start_server: Fixture) -> None:
