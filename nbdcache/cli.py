@@ -12,12 +12,13 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
 import uvloop
 
-from nbdcache import __version__, config, export, metrics
+from nbdcache import __version__, activation, config, export, memlock, metrics, probe
 from nbdcache.server import Export, NBDServer
 
 log = logging.getLogger("nbdcache")
@@ -71,12 +72,29 @@ def _parser() -> argparse.ArgumentParser:
     wb.add_argument("--io-threads", metavar="N", type=int, help="image I/O threads per export")
     wb.add_argument("--data-dir", metavar="DIR", help="where scratch images live")
     serve.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus counters here")
+    serve.add_argument(
+        "--mlock",
+        action="store_const",
+        const=True,
+        default=None,
+        help="lock all memory in RAM and set PR_SET_IO_FLUSHER (swap served to this host)",
+    )
     stats = sub.add_parser("stats", help="print a running server's counters")
     stats.add_argument("--url", default=DEFAULT_METRICS_URL, help=f"default {DEFAULT_METRICS_URL}")
+    probe_ = sub.add_parser("probe", help="complete an NBD handshake (a health check)")
+    probe_.add_argument(
+        "--connect",
+        metavar="HOST:PORT",
+        default=f"127.0.0.1:{config.DEFAULT_PORT}",
+        help=f"server address (default 127.0.0.1:{config.DEFAULT_PORT})",
+    )
+    probe_.add_argument("--unix", metavar="PATH", help="connect to this Unix socket instead")
+    probe_.add_argument("--export", metavar="NAME", default="", help="default: the first")
+    probe_.add_argument("--timeout", metavar="S", type=float, default=5.0)
     return ap
 
 
-_SERVER_FLAGS = ("listen", "unix", "log_level", "io_threads", "data_dir", "metrics")
+_SERVER_FLAGS = ("listen", "unix", "log_level", "io_threads", "data_dir", "metrics", "mlock")
 _EXPORT_FLAGS = {
     "name": "name",
     "size": "size",
@@ -110,20 +128,26 @@ def _attach_help(host: str, port: int, name: str) -> str:
     )
 
 
-async def _serve(cfg: config.Config, exports: list[Export]) -> None:
+async def _serve(cfg: config.Config, exports: list[Export], inherited: list[socket.socket]) -> None:
     server = NBDServer(
         exports,
         max_inflight_bytes=cfg.server.max_inflight_bytes,
         shutdown_grace=cfg.server.shutdown_grace,
     )
     bound: list[tuple[str, int]] = []
-    for item in cfg.server.listen:
+    # Socket activation: the launcher's sockets replace listen and unix.
+    unix = None if inherited else cfg.server.unix
+    for sock in inherited:
+        await server.listen_socket(sock)
+        if sock.family != socket.AF_UNIX:
+            bound.append(sock.getsockname()[:2])
+    for item in () if inherited else cfg.server.listen:
         host, port = config.parse_address(item)
         bound += await server.listen_tcp(host, port)
-    if cfg.server.unix:
-        if os.path.exists(cfg.server.unix):
-            os.unlink(cfg.server.unix)
-        await server.listen_unix(cfg.server.unix)
+    if unix:
+        if os.path.exists(unix):
+            os.unlink(unix)
+        await server.listen_unix(unix)
     metrics_server = None
     if cfg.server.metrics:
         host, port = config.parse_address(cfg.server.metrics)
@@ -145,10 +169,12 @@ async def _serve(cfg: config.Config, exports: list[Export]) -> None:
             else "no backing image",
             " read-only" if e.read_only else "",
         )
-    for host, port in bound:
+    for sock in inherited:
+        log.info("listening on %s (socket activation)", activation.describe(sock))
+    for host, port in () if inherited else bound:
         log.info("listening on %s port %d", host, port)
-    if cfg.server.unix:
-        log.info("listening on unix socket %s", cfg.server.unix)
+    if unix:
+        log.info("listening on unix socket %s", unix)
     if bound:
         host, port = bound[0]
         log.info("attach with, for example:\n%s", _attach_help(host, port, cfg.exports[0].name))
@@ -162,8 +188,8 @@ async def _serve(cfg: config.Config, exports: list[Export]) -> None:
     await export.close(exports)
     if metrics_server is not None:
         metrics_server.close()
-    if cfg.server.unix and os.path.exists(cfg.server.unix):
-        os.unlink(cfg.server.unix)
+    if unix and os.path.exists(unix):
+        os.unlink(unix)
 
 
 def _size(n: int) -> str:
@@ -183,10 +209,31 @@ def _stats(url: str) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    address: str | tuple[str, int]
+    if args.unix:
+        address = args.unix
+    else:
+        try:
+            address = config.parse_address(args.connect)
+        except ValueError as exc:
+            print(f"nbdcache: --connect: {exc}", file=sys.stderr)
+            return 2
+    try:
+        result = probe.probe(address, args.export, args.timeout)
+    except (OSError, probe.ProbeError) as exc:
+        print(f"nbdcache: probe {args.unix or args.connect}: {exc}", file=sys.stderr)
+        return 1
+    print(f"export {result.export!r}: {result.size} bytes, flags {result.flags:#x}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "stats":
         return _stats(args.url)
+    if args.command == "probe":
+        return _probe(args)
     try:
         cfg = config.load(args.config, *_overrides(args))
     except config.ConfigError as exc:
@@ -198,11 +245,29 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
 
+    try:
+        inherited = activation.listen_sockets()
+    except activation.ActivationError as exc:
+        print(f"nbdcache: socket activation: {exc}", file=sys.stderr)
+        return 2
+    if cfg.server.mlock:
+        # Before any thread is started: threads inherit the flag.
+        refused = memlock.prepare_threads()
+        if refused:
+            log.warning("PR_SET_IO_FLUSHER not set (%s); going on without it", refused)
+        else:
+            log.info("PR_SET_IO_FLUSHER set")
+
     async def run() -> None:
         # Images are opened (and locked) inside the loop, before any socket.
         exports = export.build(cfg)
         try:
-            await _serve(cfg, exports)
+            if cfg.server.mlock:
+                # After the arenas are mapped, so MCL_CURRENT checks the limit
+                # against them now rather than a later allocation failing.
+                memlock.lock_all()
+                log.info("memory locked: %d MiB", memlock.locked_bytes() >> 20)
+            await _serve(cfg, exports, inherited)
         except BaseException:
             await export.close(exports)
             raise
@@ -212,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     except export.ImageError as exc:
         print(f"nbdcache: {exc}", file=sys.stderr)
         return 2
+    except memlock.MemoryLockError as exc:
+        print(f"nbdcache: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"nbdcache: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1

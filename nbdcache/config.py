@@ -185,6 +185,9 @@ class ServerConfig(_Model):
     io_threads: int = 4
     #: HOST:PORT for the Prometheus endpoint; unset: none.
     metrics: str | None = None
+    #: Lock the process's memory (mlockall) and mark it an I/O flusher
+    #: (PR_SET_IO_FLUSHER): for a server that serves swap to its own host.
+    mlock: bool = False
 
     @field_validator("io_threads")
     @classmethod

@@ -80,6 +80,15 @@ class NBDServer:
         srv = await loop.create_unix_server(lambda: Connection(self), path, backlog=512)
         self._listeners.append(srv)
 
+    async def listen_socket(self, sock: socket.socket) -> None:
+        """Serve on a socket already bound and listening (socket activation)."""
+        loop = asyncio.get_running_loop()
+        if sock.family == socket.AF_UNIX:
+            srv = await loop.create_unix_server(lambda: Connection(self), sock=sock)
+        else:
+            srv = await loop.create_server(lambda: Connection(self), sock=sock)
+        self._listeners.append(srv)
+
     def stats(self) -> dict[str, int]:
         return {
             "connections": len(self.connections),

@@ -9,7 +9,7 @@ SUDO=""
 
 # Real peers and the VM test's tools come from Debian.
 need=()
-check() { command -v "$1" >/dev/null 2>&1 || need+=("$2"); }
+check() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || need+=("$2"); }
 check nbdkit nbdkit
 check nbdinfo libnbd-bin
 check nbdsh libnbd-bin
@@ -20,6 +20,12 @@ check qemu-system-x86_64 qemu-system-x86
 check fio fio
 check gcc gcc
 check nbd-client nbd-client
+# Socket activation and unit checks; the container tests.
+check systemd-socket-activate systemd
+check systemd-analyze systemd
+check podman podman
+check runc runc
+check debootstrap debootstrap
 # The guest's memory hog is linked statically.
 dpkg -s libc6-dev >/dev/null 2>&1 || need+=(libc6-dev)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx swapon || need+=(busybox-static)

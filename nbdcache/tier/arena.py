@@ -8,6 +8,9 @@ This module owns
   allocated pages may draw on (the capacity rule of the tier);
 - giving memory back: frames that stay free are returned to the kernel with
   ``MADV_DONTNEED`` in batches, so a trimmed device shrinks the process;
+  unless the process has locked its memory (`nbdcache.memlock`): the kernel
+  refuses ``MADV_DONTNEED`` on locked pages, and the arena then stops
+  trying and keeps every frame resident, which is what locking asked for;
 - the handle format shared by every allocator;
 - the `Allocator` protocol that zbud, z3fold and zsmalloc implement;
 - `FrameLists`, intrusive doubly-linked lists of frames kept in flat arrays
@@ -34,6 +37,7 @@ handle in the page table it was given.
 
 from __future__ import annotations
 
+import errno
 import mmap
 from array import array
 from collections.abc import Callable, Iterator
@@ -168,12 +172,21 @@ class Arena:
         madvise = self.map.madvise
         dontneed = mmap.MADV_DONTNEED
         start = prev = frames[0]
-        for frame in frames[1:]:
-            if frame != prev + 1:
-                madvise(dontneed, start << PAGE_SHIFT, (prev + 1 - start) << PAGE_SHIFT)
-                start = frame
-            prev = frame
-        madvise(dontneed, start << PAGE_SHIFT, (prev + 1 - start) << PAGE_SHIFT)
+        try:
+            for frame in frames[1:]:
+                if frame != prev + 1:
+                    madvise(dontneed, start << PAGE_SHIFT, (prev + 1 - start) << PAGE_SHIFT)
+                    start = frame
+                prev = frame
+            madvise(dontneed, start << PAGE_SHIFT, (prev + 1 - start) << PAGE_SHIFT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            # Locked memory (mlockall): it cannot be dropped and stays
+            # resident.  No frame is released; free_frame stops trying
+            # (fewer than frame_count frames can be waiting).
+            self.release_batch = self.frame_count
+            return 0
         self._clean = stop
         self.frames_released += len(frames)
         return len(frames)

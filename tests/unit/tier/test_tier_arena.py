@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -31,6 +34,32 @@ def test_alloc_frames_hands_out_frames_in_address_order() -> None:
     for frame in frames:
         arena.free_frame(frame)
     assert arena.alloc_frames(3, reserve=False) == [2, 3, 4]  # the last freed first
+
+
+def test_a_locked_arena_keeps_its_frames_and_goes_on() -> None:
+    # With --mlock the kernel refuses MADV_DONTNEED on the arena: frames stay
+    # resident, nothing is counted as released, allocation goes on.
+    arena = Arena(64 * PAGE_SIZE, release_batch=8)
+    libc = ctypes.CDLL(None, use_errno=True)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(arena.map))
+    if libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(64 * PAGE_SIZE)) != 0:
+        pytest.fail(f"mlock: {os.strerror(ctypes.get_errno())} (RLIMIT_MEMLOCK too low?)")
+    try:
+        frames = arena.alloc_frames(40, reserve=False)
+        for frame in frames:
+            arena.map[frame * PAGE_SIZE : (frame + 1) * PAGE_SIZE] = b"\xab" * PAGE_SIZE
+        for frame in frames:
+            arena.free_frame(frame)
+        assert arena.release_free() == 0
+        assert arena.frames_released == 0
+        assert arena.map[0:PAGE_SIZE] == b"\xab" * PAGE_SIZE  # still resident
+        again = arena.alloc_frames(64, reserve=False)
+        assert sorted(again) == list(range(64))
+        for frame in again:
+            arena.free_frame(frame)
+    finally:
+        libc.munlock(ctypes.c_void_p(address), ctypes.c_size_t(64 * PAGE_SIZE))
+        arena.close()
 
 
 def test_frames_that_stay_free_go_back_to_the_kernel() -> None:

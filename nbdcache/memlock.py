@@ -1,0 +1,94 @@
+"""Keeping the server's memory out of reclaim: `mlockall` and `PR_SET_IO_FLUSHER`.
+
+A server that serves swap to its own host can deadlock: the kernel swaps
+because it is short of memory, and the server needs memory to take the page
+(see deploy/README.md).  `--mlock` (`server.mlock`) does what a process can
+do about it on Linux, through libc with `ctypes` (no extra dependency):
+
+- `lock_all`: ``mlockall(MCL_CURRENT | MCL_FUTURE)``.  Every page the
+  process has is made resident and locked, and so is every later mapping.
+  The RAM tier's arena is one mapping, so it becomes resident as a whole,
+  and it stays so: the kernel refuses ``MADV_DONTNEED`` on locked memory, so
+  the arena keeps frames freed by TRIM (see `nbdcache.tier.arena`).  Without
+  ``CAP_IPC_LOCK`` the locked total is bounded by ``RLIMIT_MEMLOCK``; a
+  refusal is a `MemoryLockError` naming the limit.
+- `prepare_threads`: ``prctl(PR_SET_IO_FLUSHER, 1)`` (Linux 5.6): the
+  kernel treats the process as part of the I/O path, so its allocations do
+  not recurse into I/O reclaim and it is not throttled as a writer of dirty
+  pages.  It needs ``CAP_SYS_RESOURCE``; without it the server goes on and
+  says so.  The flag belongs to the calling thread and threads inherit it,
+  so this runs before any thread is started.  It also makes the stacks of
+  threads started later small (`THREAD_STACK`): locked, a thread's stack is
+  resident in full, 8 MiB by default, and the image I/O threads need little.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import resource
+import threading
+
+MCL_CURRENT = 1
+MCL_FUTURE = 2
+PR_SET_IO_FLUSHER = 57
+#: Stack of threads started once memory is to be locked (resident in full).
+THREAD_STACK = 1 << 20
+
+
+class MemoryLockError(Exception):
+    """mlockall failed; the message says why and what to change."""
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _limit(value: int) -> str:
+    return "unlimited" if value == resource.RLIM_INFINITY else f"{value} bytes"
+
+
+def lock_all() -> None:
+    """Lock every current and future page of the process in RAM."""
+    if _libc().mlockall(MCL_CURRENT | MCL_FUTURE) == 0:
+        return
+    err = ctypes.get_errno()
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if err in (errno.ENOMEM, errno.EAGAIN):
+        raise MemoryLockError(
+            f"cannot lock memory (mlockall: {os.strerror(err)}): RLIMIT_MEMLOCK is "
+            f"{_limit(soft)}; raise it to unlimited (ulimit -l unlimited, systemd "
+            "LimitMEMLOCK=infinity, docker --ulimit memlock=-1) or give the process "
+            "CAP_IPC_LOCK"
+        )
+    raise MemoryLockError(f"cannot lock memory (mlockall: {os.strerror(err)})")
+
+
+def prepare_threads() -> str | None:
+    """Mark the calling thread (and threads it starts) as an I/O flusher,
+    and give threads started from now on a `THREAD_STACK` stack.
+
+    Returns None on success, else why the kernel refused the flag.
+    """
+    threading.stack_size(THREAD_STACK)
+    if _libc().prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) == 0:
+        return None
+    err = ctypes.get_errno()
+    if err == errno.EPERM:
+        return "needs CAP_SYS_RESOURCE"
+    if err == errno.EINVAL:
+        return "not supported by this kernel (Linux 5.6 or later)"
+    return os.strerror(err)
+
+
+def locked_bytes() -> int:
+    """VmLck of this process, from /proc/self/status (0 if unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmLck:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
