@@ -124,9 +124,8 @@ class Device:
         """Discard the whole pages inside the range; partial pages stay."""
         first = (offset + _MASK) >> PAGE_SHIFT
         end = (offset + length) >> PAGE_SHIFT
-        discard = self.store.discard
-        for pgno in range(first, end):
-            discard(pgno)
+        if end > first:
+            self.store.discard(first, end - first)
         if fua and end > first:
             return self.store.sync_pages(first, end - first)
         return None
@@ -145,11 +144,14 @@ class Device:
             parts.append(
                 self.write(offset, memoryview(ZERO_PAGE)[: (first_full << PAGE_SHIFT) - offset])
             )
-        zero = self.store.zero
-        for pgno in range(first_full, end_full):
-            r = zero(pgno, no_hole)
-            if r is not None:
-                parts.append(r)
+        if no_hole:
+            zero = self.store.zero
+            for pgno in range(first_full, end_full):
+                r = zero(pgno, True)
+                if r is not None:
+                    parts.append(r)
+        else:  # a hole reads as zeroes: the same as a trim
+            self.store.discard(first_full, end_full - first_full)
         if end & _MASK:
             parts.append(self.write(end_full << PAGE_SHIFT, memoryview(ZERO_PAGE)[: end & _MASK]))
         waits = [x for x in parts if isinstance(x, asyncio.Future)]

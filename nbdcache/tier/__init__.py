@@ -84,8 +84,9 @@ class PageStore(Protocol):
         as for `store`.
         """
 
-    def discard(self, pgno: int) -> None:
-        """Make the page a hole (TRIM): frees its storage; reads zeroes."""
+    def discard(self, first: int, count: int = 1) -> None:
+        """Make pages [first, first+count) holes (TRIM): frees their storage;
+        they read zeroes.  A whole device is one call, in metadata alone."""
 
     def zero(self, pgno: int, allocate: bool) -> asyncio.Future[None] | None:
         """Make the page read as zeroes; `allocate` keeps it allocated (NO_HOLE),

@@ -82,7 +82,7 @@ from nbdcache.tier.codec import (
     expand_word,
     filled_word,
 )
-from nbdcache.tier.pagetable import PageTable
+from nbdcache.tier.pagetable import PageTable, anonymous_array
 from nbdcache.tier.z3fold import Z3fold
 from nbdcache.tier.zbud import Zbud
 from nbdcache.tier.zsmalloc import ZS_MAX_PAGES_PER_ZSPAGE, Zsmalloc
@@ -97,6 +97,11 @@ DEFAULT_ALLOCATOR: Final = "zsmalloc"
 def default_reserve(frame_count: int) -> int:
     """Frames held back for overwrites: 1/64 of the arena, at least one zspage."""
     return min(max(ZS_MAX_PAGES_PER_ZSPAGE, frame_count // 64), frame_count // 4)
+
+
+#: Pages per step of a range discard, and that many zero handles to copy.
+_CHUNK: Final = 1 << 16
+_ZERO_HANDLES: Final = anonymous_array("Q", _CHUNK)
 
 
 class RamTier:
@@ -212,8 +217,22 @@ class RamTier:
         page[start : start + len(data)] = data
         self.store(pgno, bytes(page))
 
-    def discard(self, pgno: int) -> None:
-        self._fill(pgno, HOLE, 0)
+    def discard(self, first: int, count: int = 1) -> None:
+        if count == 1:
+            self._fill(first, HOLE, 0)
+            return
+        # Only RAM pages need work (their arena copies); the rest of the
+        # range becomes holes with slice assignments, a chunk at a time.
+        end = first + count
+        state = self._state
+        pos = state.find(RAM, first, end)
+        while pos >= 0:
+            self._drop(pos)
+            pos = state.find(RAM, pos + 1, end)
+        for lo in range(first, end, _CHUNK):
+            hi = min(end, lo + _CHUNK)
+            state[lo:hi] = bytes(hi - lo)
+            self._handle[lo:hi] = _ZERO_HANDLES[: hi - lo]
 
     def zero(self, pgno: int, allocate: bool) -> None:
         self._fill(pgno, ZERO if allocate else HOLE, 0)

@@ -316,11 +316,24 @@ class WritebackStore:
             return self._enqueue(pgno, data, start)
         return None
 
-    def discard(self, pgno: int) -> None:
-        self._touch(pgno)
-        self.ram.discard(pgno)
-        if self.img[pgno] != IMG_NONE:
-            self.img[pgno] = IMG_DIRTY
+    def discard(self, first: int, count: int = 1) -> None:
+        end = first + count
+        if count <= len(self.busy):
+            for pgno in range(first, end):
+                self._touch(pgno)
+        else:
+            self.touched.update(p for p in self.busy if first <= p < end)
+        self.ram.discard(first, count)
+        # Pages with image blocks now owe the image a punch.
+        img = self.img
+        changed = False
+        for lo in range(first, end, _FLUSH_CHUNK):
+            hi = min(end, lo + _FLUSH_CHUNK)
+            part = img[lo:hi]
+            if part.count(IMG_NONE) != hi - lo:
+                img[lo:hi] = part.replace(b"\x01", b"\x02")  # CLEAN -> DIRTY
+                changed = True
+        if changed:
             self._offram_changed()
 
     def zero(self, pgno: int, allocate: bool) -> asyncio.Future[None] | None:

@@ -121,6 +121,15 @@ class TierMachine(RuleBasedStateMachine):
         self.content.pop(pgno, None)
         self.disk.discard(pgno)
 
+    @rule(pgno=PGNOS, count=st.integers(2, 64))
+    def discard_range(self, pgno: int, count: int) -> None:
+        pgno %= self.pages
+        count = min(count, self.pages - pgno)
+        self.tier.discard(pgno, count)
+        for p in range(pgno, pgno + count):
+            self.content.pop(p, None)
+            self.disk.discard(p)
+
     @rule(pgno=PGNOS, allocate=st.booleans())
     def zero(self, pgno: int, allocate: bool) -> None:
         pgno %= self.pages
