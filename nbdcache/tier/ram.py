@@ -329,6 +329,10 @@ class RamTier:
         self._handle[pgno] = 0
         self._state[pgno] = DISK
 
+    def is_raw(self, pgno: int) -> bool:
+        """Whether a RAM page is kept raw (it did not compress)."""
+        return self._state[pgno] == RAM and self._handle[pgno] & HANDLE_LENGTH_MASK == PAGE_SIZE
+
     def on_disk(self, pgno: int) -> None:
         """The image got the page's newest content directly: drop what the
         tier held for it, whatever its state (-> DISK)."""

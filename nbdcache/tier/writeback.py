@@ -44,9 +44,12 @@ for writeback costs far more than writing it once, and a full tier under a
 stream of writes would otherwise make every write wait for an eviction.  The
 write is acknowledged when the image has it; until then reads of the page
 return its new content from `through`.  Pages written in one event-loop turn
-are merged into one `pwritev` per run of adjacent pages.  If the image write
-fails, the page's old copy is untouched (it is dropped only on success) and
-the write falls back to waiting for room.
+are merged into one `pwritev` per run of adjacent pages, and at most
+`inflight` pages are written through at once.  If the image write fails, the
+image may hold any part of the page, so the new content stays in `through`
+(the page busy) and is written again after the back-off, as a failed
+writeback is; meanwhile writes wait for room.  A write-through that has not
+landed within `wait_timeout` fails the client's write with EIO.
 
 Backpressure: a write that cannot go through (a partial page, a page with
 I/O in flight or queued writes, a page without image blocks yet) waits, in
@@ -143,18 +146,6 @@ class _Waiter:
 _Turn = list[tuple[int, "asyncio.Future[None]"]]
 
 
-def _chain(source: asyncio.Future[None], *, target: asyncio.Future[None]) -> None:
-    """Give `target` the outcome of `source` (unless it has one already)."""
-    if target.done():
-        return
-    if source.cancelled():
-        target.cancel()
-    elif (exc := source.exception()) is not None:
-        target.set_exception(exc)
-    else:
-        target.set_result(None)
-
-
 def runs(pages: list[int], longest: int = _MAX_RUN) -> Iterator[tuple[int, int]]:
     """(first, count) of each run of consecutive page numbers (input sorted),
     cut at `longest` pages: one image I/O each."""
@@ -201,6 +192,7 @@ class WritebackStore:
         self._scheduled = False
         self._reserving = False
         self._closed = False
+        self._closing = False  # close() waits for the last I/O: no more retries
         self._sync_failed = False  # an fdatasync failed: the image is not to be trusted
         # Counters.
         self.pages_written_back = 0
@@ -287,17 +279,17 @@ class WritebackStore:
             return self._enqueue(pgno, data, -1)
         # Full: a same-filled page still costs no frame (only those can
         # start with two equal bytes 8 apart); anything else goes through.
-        if self.full and pgno not in self.busy and data[0] != data[8]:
+        if self.full and data[0] != data[8] and self._can_write_through(pgno):
             return self._write_through(pgno, data)
         try:
-            incompressible = self._store_now(pgno, data)
+            raw = self._store_now(pgno, data)
         except ArenaFull:
             self.full = True
-            if pgno not in self.busy:
+            if self._can_write_through(pgno):
                 return self._write_through(pgno, data)
             return self._enqueue(pgno, data, -1)
-        if incompressible and pgno not in self.busy:
-            return self._write_through(pgno, data)  # not worth packing: to the image
+        if raw and self._can_write_through(pgno):
+            return self._write_through(pgno, data)  # incompressible: to the image
         return None
 
     def patch(self, pgno: int, start: int, data: bytes | memoryview) -> asyncio.Future[None] | None:
@@ -364,30 +356,42 @@ class WritebackStore:
 
         Returns whether the page was incompressible (kept raw, made cold)."""
         ram = self.ram
-        huge = ram.huge_pages
         ram.store(pgno, data if isinstance(data, bytes | memoryview) else memoryview(data))
         self._touch(pgno)
         self.img[pgno] = IMG_DIRTY
+        raw = False
         if ram.state(pgno) != RAM:
             self._offram_changed()
-        elif ram.huge_pages > huge:
+        elif ram.is_raw(pgno):
             ram.make_cold(pgno)  # incompressible: first to go to the image
-            huge = -1
+            raw = True
         if ram.arena.frames_used >= self._high:
             self._schedule()
-        return huge < 0
+        return raw
+
+    def _can_write_through(self, pgno: int) -> bool:
+        """No I/O on the page, write-throughs within the in-flight bound, and
+        no image error in the last moments (then writes wait for room)."""
+        return (
+            pgno not in self.busy
+            and len(self.through) < self.policy.inflight
+            and time.monotonic() >= self._backoff_until
+        )
 
     def _write_through(self, pgno: int, data: bytes | memoryview) -> asyncio.Future[None]:
         """Send a whole page to the image; the tier keeps its old copy until then."""
-        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.through[pgno] = bytes(data)
+        self._add_to_turn(pgno, fut)
+        return fut
+
+    def _add_to_turn(self, pgno: int, fut: asyncio.Future[None]) -> None:
         if self._through_io is None:
+            loop = asyncio.get_running_loop()
             self._through_io = loop.create_future()
             loop.call_soon(self._issue_through)
-        fut: asyncio.Future[None] = loop.create_future()
-        self.through[pgno] = bytes(data)
         self.busy[pgno] = self._through_io
         self._through_turn.append((pgno, fut))
-        return fut
 
     def _issue_through(self) -> None:
         """Write this turn's write-through pages, one `pwritev` per run."""
@@ -398,7 +402,18 @@ class WritebackStore:
         self._through_io = None
         loop = asyncio.get_running_loop()
         expiry = loop.call_later(self.policy.wait_timeout, self._through_expired, turn)
-        left = [len(turn)]
+        left = [len(turn), 0]  # pages not landed yet, pages to retry
+
+        def done(run: _Turn, f: asyncio.Future[None]) -> None:
+            try:
+                left[1] += self._through_done(run, f)
+            finally:
+                left[0] -= len(run)
+                if not left[0]:
+                    if not left[1]:
+                        expiry.cancel()  # (retried pages keep their deadline)
+                    turn_io.set_result(None)
+
         i = 0
         while i < len(turn):
             j = i + 1
@@ -407,15 +422,7 @@ class WritebackStore:
             run = turn[i:j]
             data = [self.through[pgno] for pgno, _ in run]
             io = self.image.submit(self.image.write, run[0][0] << PAGE_SHIFT, data)
-
-            def done(f: asyncio.Future[None], run: _Turn = run) -> None:
-                self._through_done(run, f)
-                left[0] -= len(run)
-                if not left[0]:
-                    expiry.cancel()
-                    turn_io.set_result(None)
-
-            io.add_done_callback(done)
+            io.add_done_callback(functools.partial(done, run))
             i = j
 
     def _through_expired(self, turn: _Turn) -> None:
@@ -428,40 +435,70 @@ class WritebackStore:
                     )
                 )
 
-    def _through_done(self, run: _Turn, io: asyncio.Future[None]) -> None:
-        pages = [pgno for pgno, _ in run]
-        for pgno in pages:
-            del self.busy[pgno]
-        untouched = [self._untouched(pgno) for pgno in pages]
+    def _through_done(self, run: _Turn, io: asyncio.Future[None]) -> int:
+        """A run landed (or failed); returns how many of its pages are retried.
+
+        A page changed meanwhile is left to that newer change.  A failed page
+        keeps its new content in `through` (the image may hold any part of
+        it, so neither copy there nor the tier's old one can stand for it)
+        and stays busy until a retry lands, as a failed writeback does.
+        """
         failed = io.cancelled() or io.exception() is not None
         if failed and not self._closed:
-            self._io_failed("write-through", pages, io)
+            self._io_failed("write-through", [pgno for pgno, _ in run], io)
         ram = self.ram
-        for (pgno, fut), same in zip(run, untouched, strict=True):
-            data = self.through.pop(pgno)
+        landed: list[asyncio.Future[None]] = []
+        retry: _Turn = []
+        for pgno, fut in run:
+            same = self._untouched(pgno)
+            if same and failed and not self._closing:
+                retry.append((pgno, fut))
+                if ram.state(pgno) != DISK:
+                    self.img[pgno] = IMG_DIRTY
+                continue
+            del self.busy[pgno]
+            self.through.pop(pgno)
             if not same:
                 # Rewritten, trimmed or zeroed meanwhile: that is newer, and
                 # whoever changed the page marked the image dirty.
                 self.offram_dirty = True
-                if not fut.done():
-                    fut.set_result(None)
+                landed.append(fut)
             elif not failed:
                 ram.on_disk(pgno)
                 self.img[pgno] = IMG_CLEAN
                 self.pages_written_through += 1
-                if not fut.done():
-                    fut.set_result(None)
-            else:
-                if ram.state(pgno) == RAM:
-                    self.img[pgno] = IMG_DIRTY  # the image may hold part of it
-                if not fut.done() and not self._closed:
-                    # The old copy stands; the write waits for room instead.
-                    self._enqueue(pgno, data, -1).add_done_callback(
-                        functools.partial(_chain, target=fut)
-                    )
+                landed.append(fut)
+            elif not fut.done():
+                fut.set_exception(StoreIOError(f"page {pgno}: image write failed at shutdown"))
+        if retry:
+            loop = asyncio.get_running_loop()
+            retry_io: asyncio.Future[None] = loop.create_future()
+            for pgno, _ in retry:
+                self.busy[pgno] = retry_io
+            loop.call_later(_RETRY_DELAY, self._retry_through, retry, retry_io)
+        for fut in landed:
+            if not fut.done():
+                fut.set_result(None)
         if not self._closed:
             self._pump_waiters()
             self._schedule()
+        return len(retry)
+
+    def _retry_through(self, retry: _Turn, retry_io: asyncio.Future[None]) -> None:
+        """Write failed write-throughs again, unless their pages changed."""
+        for pgno, fut in retry:
+            if self._untouched(pgno) and not self._closing:
+                self._add_to_turn(pgno, fut)
+                continue
+            del self.busy[pgno]
+            self.through.pop(pgno)
+            if not fut.done():
+                if self._closing:
+                    fut.set_exception(StoreIOError(f"page {pgno}: image write failed"))
+                else:
+                    fut.set_result(None)  # superseded by a newer change
+        retry_io.set_result(None)
+        self._schedule()
 
     def _enqueue(self, pgno: int, data: bytes | memoryview, start: int) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
@@ -938,6 +975,7 @@ class WritebackStore:
             self._unqueue(w)
             if not w.future.done():
                 w.future.set_exception(StoreIOError("server shutting down"))
+        self._closing = True
         pending = list(set(self.busy.values()))
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
