@@ -85,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     probe_.add_argument(
         "--connect",
         metavar="HOST:PORT",
-        default=f"127.0.0.1:{config.DEFAULT_PORT}",
-        help=f"server address (default 127.0.0.1:{config.DEFAULT_PORT})",
+        default=os.environ.get("NBDCACHE_PROBE_CONNECT", f"127.0.0.1:{config.DEFAULT_PORT}"),
+        help=f"server address (default $NBDCACHE_PROBE_CONNECT, else 127.0.0.1:"
+        f"{config.DEFAULT_PORT})",
     )
     probe_.add_argument("--unix", metavar="PATH", help="connect to this Unix socket instead")
     probe_.add_argument("--export", metavar="NAME", default="", help="default: the first")
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except memlock.MemoryLockError as exc:
         print(f"nbdcache: {exc}", file=sys.stderr)
-        return 1
+        return 2  # a setting to change, not a failure to retry
     except OSError as exc:
         print(f"nbdcache: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1

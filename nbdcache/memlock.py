@@ -33,6 +33,7 @@ import threading
 MCL_CURRENT = 1
 MCL_FUTURE = 2
 PR_SET_IO_FLUSHER = 57
+CAP_IPC_LOCK = 14
 #: Stack of threads started once memory is to be locked (resident in full).
 THREAD_STACK = 1 << 20
 
@@ -49,8 +50,28 @@ def _limit(value: int) -> str:
     return "unlimited" if value == resource.RLIM_INFINITY else f"{value} bytes"
 
 
+def _has_cap_ipc_lock() -> bool:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_IPC_LOCK & 1)
+    return False
+
+
 def lock_all() -> None:
-    """Lock every current and future page of the process in RAM."""
+    """Lock every current and future page of the process in RAM.
+
+    Refused unless the lock is unbounded (`RLIMIT_MEMLOCK` unlimited, or
+    ``CAP_IPC_LOCK``): with ``MCL_FUTURE`` under a finite limit, start-up
+    may fit and a later allocation in the data path would then fail.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft != resource.RLIM_INFINITY and not _has_cap_ipc_lock():
+        raise MemoryLockError(
+            f"--mlock needs RLIMIT_MEMLOCK unlimited or CAP_IPC_LOCK; the limit is "
+            f"{_limit(soft)} (ulimit -l unlimited, systemd LimitMEMLOCK=infinity, "
+            "docker --ulimit memlock=-1)"
+        )
     if _libc().mlockall(MCL_CURRENT | MCL_FUTURE) == 0:
         return
     err = ctypes.get_errno()

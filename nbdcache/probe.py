@@ -87,6 +87,11 @@ def probe(address: str | tuple[str, int], export: str = "", timeout: float = 5.0
             data = _recv_exact(sock, length, deadline)
             if reply == p.REP_ACK:
                 break
+            if reply == p.REP_ERR_TLS_REQD:
+                # Alive, and wants TLS first: the handshake got as far as a
+                # plain-text probe can take it.
+                sock.sendall(struct.pack(">QII", p.IHAVEOPT, p.OPT_ABORT, 0))
+                return ProbeResult(export, -1, 0)
             if reply & (1 << 31):
                 message = data.decode(errors="replace") or f"error {reply & 0x7FFFFFFF}"
                 raise ProbeError(f"NBD_OPT_INFO for export {export!r} refused: {message}")
