@@ -197,7 +197,7 @@ def test_compose_up_serves_and_stop_is_clean(image: str, data: Path) -> None:
     project = f"nbdcache-e2e-{os.getpid()}"
     settings = {
         "NBDCACHE_IMAGE": image,
-        "NBDCACHE_PORT": f"127.0.0.1:{port}",
+        "NBDCACHE_PORT": str(port),  # on 127.0.0.1, the default
         "NBDCACHE_METRICS_PORT": str(metrics_port),
     }
     args = ["-f", str(REPO / "deploy" / "compose.yaml"), "-p", project]
