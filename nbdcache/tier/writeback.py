@@ -146,6 +146,19 @@ class _Waiter:
 _Turn = list[tuple[int, "asyncio.Future[None]"]]
 
 
+def _split_fill(run: list[tuple[int, asyncio.Future[bytes]]], io: asyncio.Future[bytes]) -> None:
+    """Hand each page of a run read from the image its part (or the error)."""
+    exc = StoreIOError("image read cancelled") if io.cancelled() else io.exception()
+    data = None if exc is not None else io.result()
+    for k, (_, fut) in enumerate(run):
+        if fut.done():
+            continue
+        if data is None:
+            fut.set_exception(exc if exc is not None else StoreIOError("image read failed"))
+        else:
+            fut.set_result(data[k << PAGE_SHIFT : (k + 1) << PAGE_SHIFT])
+
+
 def runs(pages: list[int], longest: int = _MAX_RUN) -> Iterator[tuple[int, int]]:
     """(first, count) of each run of consecutive page numbers (input sorted),
     cut at `longest` pages: one image I/O each."""
@@ -179,6 +192,7 @@ class WritebackStore:
         self.through: dict[int, bytes] = {}  # written through, in flight: newest data
         self._through_turn: _Turn = []
         self._through_io: asyncio.Future[None] | None = None  # this turn's, for `busy`
+        self._fill_turn: list[tuple[int, asyncio.Future[bytes]]] = []  # reads to issue
         self.full = False  # a store found the arena full: write through for now
         self.waiters: deque[_Waiter] = deque()
         self.queued: dict[int, int] = {}  # page -> its writes in `waiters`
@@ -667,12 +681,31 @@ class WritebackStore:
     # --- reads ----------------------------------------------------------------
 
     def _read_fill(self, pgno: int) -> asyncio.Future[bytes]:
-        fut = self.image.submit(self.image.read, pgno << PAGE_SHIFT, PAGE_SIZE)
+        """Read a page from the image; the pages asked for in one event-loop
+        turn are read with one `pread` per run of adjacent pages."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes] = loop.create_future()
+        if not self._fill_turn:
+            loop.call_soon(self._issue_fills)
+        self._fill_turn.append((pgno, fut))
         self.reads[pgno] = fut
         self.busy[pgno] = fut  # type: ignore[assignment]
         self.pages_read_from_image += 1
         fut.add_done_callback(lambda f: self._filled(pgno, f))
         return fut
+
+    def _issue_fills(self) -> None:
+        turn = sorted(self._fill_turn, key=lambda t: t[0])
+        self._fill_turn = []
+        i = 0
+        while i < len(turn):
+            j = i + 1
+            while j < len(turn) and j - i < _MAX_RUN and turn[j][0] == turn[j - 1][0] + 1:
+                j += 1
+            run = turn[i:j]
+            io = self.image.submit(self.image.read, run[0][0] << PAGE_SHIFT, len(run) << PAGE_SHIFT)
+            io.add_done_callback(functools.partial(_split_fill, run))
+            i = j
 
     def _filled(self, pgno: int, fut: asyncio.Future[bytes]) -> None:
         self.reads.pop(pgno, None)
