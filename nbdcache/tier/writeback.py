@@ -282,6 +282,13 @@ class WritebackStore:
             return data
         fut = self.reads.get(pgno)
         if fut is None:
+            if pgno not in self.busy:
+                # In the page cache: read it now, cheaper than any hand-off.
+                cached = self.image.read_nowait(pgno << PAGE_SHIFT, PAGE_SIZE)
+                if cached is not None:
+                    self.pages_read_from_image += 1
+                    self._promote(pgno, cached)
+                    return cached
             fut = self._read_fill(pgno)
         return fut
 
@@ -713,20 +720,25 @@ class WritebackStore:
         untouched = self._untouched(pgno)
         if fut.cancelled() or fut.exception() is not None or self._closed:
             return
+        if untouched:
+            self._promote(pgno, fut.result())
+        self._schedule()
+
+    def _promote(self, pgno: int, data: bytes) -> None:
+        """Exclusive gets off: a page read from the image comes back into RAM
+        as clean while there is room to spare."""
         if (
             self.policy.exclusive_gets == "off"
-            and untouched
             and self.ram.state(pgno) == DISK
             and self.ram.arena.frames_used < self._low
             and not self.waiters
         ):
             try:
-                self.ram.store(pgno, fut.result())
+                self.ram.store(pgno, data)
             except (ArenaFull, StoreError):
                 return
             self.img[pgno] = IMG_CLEAN
             self.pages_promoted += 1
-        self._schedule()
 
     def _release_after_read(self, pgno: int) -> None:
         """Exclusive get: the client holds the page now; free the RAM copy."""
