@@ -575,21 +575,32 @@ class WritebackStore:
                 assert base is not None
                 data = bytearray(base)
                 data[w.start : w.start + len(w.data)] = w.data
-            try:
-                self._store_now(w.pgno, data)
-            except ArenaFull:
-                self.evicting = True
-                self._schedule()
-                return
-            except StoreError as exc:
-                waiters.popleft()
-                self._unqueue(w)
-                w.future.set_exception(exc)
-                continue
+            through = w.start < 0 and self.full and w.data[0] != w.data[8]
+            if not through:
+                try:
+                    self._store_now(w.pgno, data)
+                except ArenaFull:
+                    self.full = through = True
+                except StoreError as exc:
+                    waiters.popleft()
+                    self._unqueue(w)
+                    w.future.set_exception(exc)
+                    continue
+            if through:
+                # The page (a first write, typically, once its blocks are
+                # reserved) goes to the image as a direct write would.
+                if not self._can_write_through(w.pgno):
+                    self.evicting = True
+                    self._schedule()
+                    return
+                self.through[w.pgno] = bytes(data)  # the whole page, patched or not
             waiters.popleft()
             self._unqueue(w)
             self.write_wait_ns += int((time.monotonic() - w.since) * 1e9)
-            w.future.set_result(None)
+            if through:
+                self._add_to_turn(w.pgno, w.future)
+            else:
+                w.future.set_result(None)
 
     def _fetch_base(self, w: _Waiter) -> None:
         """Read a patched page's old content from the image; pump again when in."""
