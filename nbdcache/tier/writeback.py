@@ -122,7 +122,7 @@ class WritebackPolicy:
     high: float = 0.90  # fraction of arena frames that starts eviction
     low: float = 0.80  # ... and stops it
     inflight: int = 256  # pages of image I/O in flight at most
-    batch: int = 64  # pages taken from the LRU per round
+    batch: int = 256  # pages taken from the LRU per round
     exclusive_gets: str = "off"
     durable: bool = False
     wait_timeout: float = 30.0  # seconds a write may wait for room
