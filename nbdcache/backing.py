@@ -10,6 +10,11 @@ the file system cannot punch), space reservation and `fdatasync`.
 
 The blocking methods (`read`, `write`, ...) run on pool threads; the event
 loop calls `submit` to get an asyncio future for one of them.
+
+Tests that need the image to fail set `NBDCACHE_TEST_IMAGE_EIO` to the path
+of a control file: while that file exists, image reads, writes and syncs
+fail with EIO, as from a dying disk.  Unset (always, outside tests), nothing
+is checked.
 """
 
 from __future__ import annotations
@@ -39,6 +44,15 @@ _fallocate.restype = ctypes.c_int
 
 T = TypeVar("T")
 log = logging.getLogger("nbdcache.backing")
+
+
+#: Fault injection for tests only; see the module docstring.
+_EIO_WHILE = os.environ.get("NBDCACHE_TEST_IMAGE_EIO") or None
+
+
+def _injected_eio() -> None:
+    if _EIO_WHILE is not None and os.path.exists(_EIO_WHILE):
+        raise OSError(errno.EIO, "injected I/O error (NBDCACHE_TEST_IMAGE_EIO)")
 
 
 class ImageError(Exception):
@@ -107,6 +121,8 @@ class BackingImage:
     # --- blocking operations, run on the pool ---------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
+        if _EIO_WHILE is not None:
+            _injected_eio()
         buf = bytearray(length)
         done = 0
         view = memoryview(buf)
@@ -118,6 +134,8 @@ class BackingImage:
         return bytes(buf)
 
     def write(self, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
+        if _EIO_WHILE is not None:
+            _injected_eio()
         total = sum(len(b) for b in buffers)
         done = os.pwritev(self.fd, buffers, offset)
         if done < total:  # short write: finish the rest one buffer at a time
@@ -172,6 +190,8 @@ class BackingImage:
             )
 
     def sync(self) -> None:
+        if _EIO_WHILE is not None:
+            _injected_eio()
         os.fdatasync(self.fd)
 
     def allocated_bytes(self) -> int:

@@ -513,6 +513,17 @@ class Connection(asyncio.Protocol):
                 exc,
             )
             self._error(req, exc.errno, out, str(exc))
+        elif isinstance(exc, OSError):
+            # The image failed under a read: an I/O error for the client, not a bug.
+            log.warning(
+                "%s: request %d at %d+%d failed: image I/O error: %s",
+                self.peer,
+                req.type,
+                req.offset,
+                req.length,
+                exc.strerror or exc,
+            )
+            self._error(req, p.ENOSPC if exc.errno == p.ENOSPC else p.EIO, out, "I/O error")
         else:
             log.error("%s: internal error on request type %d", self.peer, req.type, exc_info=exc)
             self._error(req, p.EIO, out, "internal server error")
