@@ -20,6 +20,9 @@ check qemu-system-x86_64 qemu-system-x86
 check fio fio
 check gcc gcc
 check nbd-client nbd-client
+# TLS tests make their certificates with openssl; the keepalive test reads ss.
+check openssl openssl
+check ss iproute2
 # The guest's memory hog is linked statically.
 dpkg -s libc6-dev >/dev/null 2>&1 || need+=(libc6-dev)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx swapon || need+=(busybox-static)
