@@ -178,6 +178,7 @@ class Connection(asyncio.Protocol):
         self.identity = tls.Peer(None)
         self.admitted = False
         self.timer: asyncio.TimerHandle | None = None
+        self.tls_task: asyncio.Task[None] | None = None
         self.seen = False  # data arrived since the last idle check
         self.handshake: p.Handshake | None = None
         self.neg: p.Negotiated | None = None
@@ -288,6 +289,8 @@ class Connection(asyncio.Protocol):
         self.closing = True
         if self.transport is not None:
             self.transport.abort()
+        if self.tls_task is not None:
+            self.tls_task.cancel()  # a TLS handshake in progress ends too
 
     # --- handshake ------------------------------------------------------------
 
@@ -314,8 +317,10 @@ class Connection(asyncio.Protocol):
             self.transport.close()
             return
         if hs.starttls:
-            # The ACK is written; the TLS handshake follows on the same socket.
-            asyncio.get_running_loop().create_task(self._start_tls(hs))
+            # The ACK is written; the TLS handshake follows on the same socket,
+            # and no byte of it may reach the plain-text handshake meanwhile.
+            self.transport.pause_reading()
+            self.tls_task = asyncio.get_running_loop().create_task(self._start_tls(hs))
             return
         if hs.result is not None:
             self.neg = hs.result
@@ -346,10 +351,15 @@ class Connection(asyncio.Protocol):
             new = await loop.start_tls(
                 old, self, ctx, server_side=True, ssl_handshake_timeout=timeout
             )
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            self.abort(f"TLS handshake failed: {exc}")
+        except (OSError, TimeoutError, asyncio.CancelledError) as exc:
+            self.abort(f"TLS handshake failed: {exc or type(exc).__name__}")
             old.abort()
+            # The TLS layer does not always report the loss of a connection it
+            # never finished setting up: unregister here (it is idempotent).
+            self.connection_lost(None)
             return
+        finally:
+            self.tls_task = None
         if new is None or self.closing:
             old.abort()
             return
