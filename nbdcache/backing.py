@@ -13,6 +13,11 @@ loop calls `submit` to get an asyncio future for one of them.  The one
 exception is `read_nowait`: a read the page cache can answer at once
 (``RWF_NOWAIT``) costs a microsecond or two on the loop, far less than the
 hand-off to a thread and back.
+
+Tests that need the image to fail set `NBDCACHE_TEST_IMAGE_EIO` to the path
+of a control file: while that file exists, image reads, writes and syncs
+fail with EIO, as from a dying disk.  Unset (always, outside tests), nothing
+is checked.
 """
 
 from __future__ import annotations
@@ -45,6 +50,15 @@ _fallocate.restype = ctypes.c_int
 
 T = TypeVar("T")
 log = logging.getLogger("nbdcache.backing")
+
+
+#: Fault injection for tests only; see the module docstring.
+_EIO_WHILE = os.environ.get("NBDCACHE_TEST_IMAGE_EIO") or None
+
+
+def _injected_eio() -> None:
+    if _EIO_WHILE is not None and os.path.exists(_EIO_WHILE):
+        raise OSError(errno.EIO, "injected I/O error (NBDCACHE_TEST_IMAGE_EIO)")
 
 
 class ImageError(Exception):
@@ -114,6 +128,8 @@ class BackingImage:
     # --- blocking operations, run on the pool ---------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
+        if _EIO_WHILE is not None:
+            _injected_eio()
         buf = bytearray(length)
         done = 0
         view = memoryview(buf)
@@ -127,8 +143,8 @@ class BackingImage:
     def read_nowait(self, offset: int, length: int) -> bytes | None:
         """The range if the page cache holds all of it, else None: a read that
         never waits for the disk (``RWF_NOWAIT``), so the event loop may make it."""
-        if not self.can_nowait:
-            return None
+        if not self.can_nowait or _EIO_WHILE is not None:
+            return None  # (an injected fault is for the pool's read to report)
         buf = bytearray(length)
         try:
             n = os.preadv(self.fd, [buf], offset, _RWF_NOWAIT)
@@ -141,6 +157,8 @@ class BackingImage:
         return bytes(buf) if n == length else None
 
     def write(self, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
+        if _EIO_WHILE is not None:
+            _injected_eio()
         total = sum(len(b) for b in buffers)
         done = os.pwritev(self.fd, buffers, offset)
         if done < total:  # short write: finish the rest one buffer at a time
@@ -195,6 +213,8 @@ class BackingImage:
             )
 
     def sync(self) -> None:
+        if _EIO_WHILE is not None:
+            _injected_eio()
         os.fdatasync(self.fd)
 
     def allocated_bytes(self) -> int:

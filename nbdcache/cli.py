@@ -2,7 +2,9 @@
 
 Flags map one-to-one onto the config models (`nbdcache.config`); a flag
 wins over the file.  Configuration problems print one line naming the field
-and exit 2 before any socket is opened.
+and exit 2 before any socket is opened.  SIGHUP re-reads the file (flags
+still win) and applies the new certificates and access lists; a bad file is
+logged and the running settings stay.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import uvloop
 
-from nbdcache import __version__, activation, config, export, memlock, metrics, probe
+from nbdcache import __version__, activation, config, export, memlock, metrics, probe, tls
+from nbdcache.limits import Limits
 from nbdcache.server import Export, NBDServer
 
 log = logging.getLogger("nbdcache")
@@ -79,6 +84,30 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="lock all memory in RAM and set PR_SET_IO_FLUSHER (swap served to this host)",
     )
+    sec = serve.add_argument_group("TLS and limits")
+    sec.add_argument("--tls", choices=["off", "on", "require"], help="STARTTLS mode (default off)")
+    sec.add_argument("--tls-cert", metavar="PEM", help="server certificate (chain)")
+    sec.add_argument("--tls-key", metavar="PEM", help="server private key")
+    sec.add_argument("--tls-ca", metavar="PEM", help="CA for client certificates (then required)")
+    sec.add_argument("--max-connections", metavar="N", type=int, help="in total (default 256)")
+    sec.add_argument(
+        "--max-connections-per-client", metavar="N", type=int, help="per address (default 64)"
+    )
+    sec.add_argument(
+        "--handshake-timeout", metavar="S", type=float, help="seconds, 0: none (default 30)"
+    )
+    sec.add_argument("--idle-timeout", metavar="S", type=float, help="seconds, 0: none (default)")
+    sec.add_argument(
+        "--no-keepalive",
+        dest="keepalive",
+        action="store_const",
+        const=False,
+        default=None,
+        help="no TCP keepalive",
+    )
+    sec.add_argument(
+        "--max-inflight-requests", metavar="N", type=int, help="per connection (default 1024)"
+    )
     stats = sub.add_parser("stats", help="print a running server's counters")
     stats.add_argument("--url", default=DEFAULT_METRICS_URL, help=f"default {DEFAULT_METRICS_URL}")
     probe_ = sub.add_parser("probe", help="complete an NBD handshake (a health check)")
@@ -95,7 +124,25 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-_SERVER_FLAGS = ("listen", "unix", "log_level", "io_threads", "data_dir", "metrics", "mlock")
+_SERVER_FLAGS = (
+    "listen",
+    "unix",
+    "log_level",
+    "io_threads",
+    "data_dir",
+    "metrics",
+    "tls",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+    "max_connections",
+    "max_connections_per_client",
+    "handshake_timeout",
+    "idle_timeout",
+    "keepalive",
+    "max_inflight_requests",
+    "mlock",
+)
 _EXPORT_FLAGS = {
     "name": "name",
     "size": "size",
@@ -129,11 +176,57 @@ def _attach_help(host: str, port: int, name: str) -> str:
     )
 
 
-async def _serve(cfg: config.Config, exports: list[Export], inherited: list[socket.socket]) -> None:
+def _tls_context(cfg: config.Config) -> ssl.SSLContext | None:
+    s = cfg.server
+    if s.tls == "off":
+        return None
+    assert s.tls_cert is not None and s.tls_key is not None
+    return tls.server_context(s.tls_cert, s.tls_key, s.tls_ca)
+
+
+def _access(cfg: config.Config) -> dict[str, tls.AccessList]:
+    return {e.name: tls.AccessList.build(e.allowed_names, e.allowed_networks) for e in cfg.exports}
+
+
+def _reload(server: NBDServer, load: Callable[[], config.Config]) -> None:
+    """SIGHUP: new certificates and access lists; the rest needs a restart."""
+    try:
+        cfg = load()
+        ctx = _tls_context(cfg)
+    except (config.ConfigError, tls.TLSConfigError) as exc:
+        log.error("reload failed, keeping the running settings: %s", exc)
+        return
+    if cfg.server.tls != server.tls_mode:
+        log.warning("reload: changing tls mode needs a restart; keeping %s", server.tls_mode)
+    unknown = {e.name for e in cfg.exports} - set(server.by_name)
+    if unknown:
+        log.warning("reload: new exports need a restart: %s", ", ".join(sorted(unknown)))
+    server.reload(ctx, _access(cfg))
+    log.info("reloaded certificates and access lists")
+
+
+async def _serve(
+    cfg: config.Config,
+    exports: list[Export],
+    inherited: list[socket.socket],
+    load: Callable[[], config.Config],
+) -> None:
+    s = cfg.server
     server = NBDServer(
         exports,
         max_inflight_bytes=cfg.server.max_inflight_bytes,
         shutdown_grace=cfg.server.shutdown_grace,
+        limits=Limits(
+            max_connections=s.max_connections,
+            max_connections_per_client=s.max_connections_per_client,
+            handshake_timeout=s.handshake_timeout,
+            idle_timeout=s.idle_timeout,
+            keepalive=s.keepalive,
+            max_inflight_requests=s.max_inflight_requests,
+        ),
+        tls_mode=s.tls,
+        ssl_context=_tls_context(cfg),
+        access=_access(cfg),
     )
     bound: list[tuple[str, int]] = []
     # Socket activation: the launcher's sockets replace listen and unix.
@@ -170,6 +263,12 @@ async def _serve(cfg: config.Config, exports: list[Export], inherited: list[sock
             else "no backing image",
             " read-only" if e.read_only else "",
         )
+    if s.tls != "off":
+        log.info(
+            "TLS %s (client certificates %s)",
+            s.tls,
+            "required" if s.tls_ca else "not requested",
+        )
     for sock in inherited:
         log.info("listening on %s (socket activation)", activation.describe(sock))
     for host, port in () if inherited else bound:
@@ -183,6 +282,7 @@ async def _serve(cfg: config.Config, exports: list[Export], inherited: list[sock
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, server, load)
     await stop.wait()
     log.info("shutting down")
     await server.shutdown()
@@ -235,9 +335,14 @@ def main(argv: list[str] | None = None) -> int:
         return _stats(args.url)
     if args.command == "probe":
         return _probe(args)
+
+    def load() -> config.Config:
+        return config.load(args.config, *_overrides(args))
+
     try:
-        cfg = config.load(args.config, *_overrides(args))
-    except config.ConfigError as exc:
+        cfg = load()
+        _tls_context(cfg)  # certificates are checked before anything starts
+    except (config.ConfigError, tls.TLSConfigError) as exc:
         print(f"nbdcache: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
@@ -268,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                 # against them now rather than a later allocation failing.
                 memlock.lock_all()
                 log.info("memory locked: %d MiB", memlock.locked_bytes() >> 20)
-            await _serve(cfg, exports, inherited)
+            await _serve(cfg, exports, inherited, load)
         except BaseException:
             await export.close(exports)
             raise

@@ -104,6 +104,23 @@ class ExportConfig(_Model):
     preallocate: bool = False
     #: Seconds a write may wait for writeback to make room before it fails.
     writeback_wait: float = 30.0
+    #: Client certificate names allowed to use the export (the subject's CN,
+    #: a DNS subjectAltName, or the whole subject as "CN=..,O=.."); empty:
+    #: anyone.  Naming any makes the export TLS-only; needs server.tls_ca.
+    allowed_names: list[str] = []
+    #: Client address networks allowed to use the export, e.g. "10.0.0.0/8"
+    #: or "::1"; empty: any address.  Unix-socket clients are not affected.
+    allowed_networks: list[str] = []
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"not an address or network: {item!r}") from None
+        return v
 
     @field_validator("name")
     @classmethod
@@ -188,6 +205,47 @@ class ServerConfig(_Model):
     #: Lock the process's memory (mlockall) and mark it an I/O flusher
     #: (PR_SET_IO_FLUSHER): for a server that serves swap to its own host.
     mlock: bool = False
+    #: off: no TLS; on: at the client's choice (exports naming certificates
+    #: require it); require: every client must STARTTLS first.
+    tls: Literal["off", "on", "require"] = "off"
+    #: PEM files: our certificate (chain) and key; the CA that signs client
+    #: certificates (set: clients must present one it verifies).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    #: Connections at once, in total and from one client address.
+    max_connections: int = 256
+    max_connections_per_client: int = 64
+    #: Seconds a client has to finish the handshake (TLS included); 0: forever.
+    handshake_timeout: float = 30.0
+    #: Seconds a connection may stay idle before it is dropped; 0: forever.
+    idle_timeout: float = 0.0
+    #: TCP keepalive on client connections.
+    keepalive: bool = True
+    #: Requests per connection waiting for the store before it stops reading.
+    max_inflight_requests: int = 1024
+
+    @field_validator("max_connections", "max_connections_per_client", "max_inflight_requests")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("handshake_timeout", "idle_timeout")
+    @classmethod
+    def _timeout(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must not be negative (0: no timeout)")
+        return v
+
+    @model_validator(mode="after")
+    def _tls(self) -> ServerConfig:
+        if self.tls != "off" and not (self.tls_cert and self.tls_key):
+            raise ValueError("tls = on or require needs tls_cert and tls_key")
+        if self.tls == "off" and (self.tls_cert or self.tls_key or self.tls_ca):
+            raise ValueError("tls_cert, tls_key and tls_ca need tls = on or require")
+        return self
 
     @field_validator("io_threads")
     @classmethod
@@ -237,6 +295,15 @@ class Config(_Model):
             if names.count(name) > 1:
                 raise ValueError(f"export name {name!r} is used twice")
         return v
+
+    @model_validator(mode="after")
+    def _certificates(self) -> Config:
+        for i, e in enumerate(self.exports):
+            if e.allowed_names and not self.server.tls_ca:
+                raise ConfigError(
+                    f"exports[{i}].allowed_names: needs server.tls_ca to verify certificates"
+                )
+        return self
 
 
 def _describe(err: ValidationError) -> str:

@@ -7,10 +7,15 @@ peer's mistakes raise `RemoteProtocolError` (the connection is dropped, the
 server goes on); our own misuse of this module raises `LocalProtocolError`.
 
 Every constant, reply and error code follows the NBD protocol specification
-(`doc/proto.md` of the NBD project).  Extended headers are not negotiated
-yet: `OPT_EXTENDED_HEADERS` gets `REP_ERR_UNSUP`, and `RequestParser` keeps
-the header layout in one place so the 32-byte extended request can be added
-beside the compact one.
+(`doc/proto.md` of the NBD project).  TLS follows its "TLS support" section:
+the handshake answers `OPT_STARTTLS` and then reports `starttls`; the caller
+upgrades the socket and calls `Handshake.tls_started`, after which option
+haggling starts afresh over TLS.  Who may use which export (certificate
+names, client addresses) is the caller's decision, asked through `access`.
+
+Extended headers are not negotiated yet: `OPT_EXTENDED_HEADERS` gets
+`REP_ERR_UNSUP`, and `RequestParser` keeps the header layout in one place so
+the 32-byte extended request can be added beside the compact one.
 """
 
 from __future__ import annotations
@@ -181,6 +186,8 @@ class ExportInfo:
     size: int
     flags: int  # transmission flags, without SEND_DF (that depends on the client)
     description: str = ""
+    #: Only clients that started TLS may use it (SELECTIVETLS, TLS_ON mode).
+    tls_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -241,6 +248,14 @@ def _error_text(message: str) -> bytes:
 
 
 ExportLookup = Callable[[str], "ExportInfo | None"]
+#: Why this client may not use an export, or None when it may.
+AccessCheck = Callable[["ExportInfo"], "str | None"]
+
+# TLS modes, the spec's names in the comments.
+TLS_OFF = "off"  # NOTLS: STARTTLS gets REP_ERR_POLICY
+TLS_ON = "on"  # SELECTIVETLS: TLS at the client's choice, required by tls_only exports
+TLS_REQUIRE = "require"  # FORCEDTLS: every option but STARTTLS and ABORT needs TLS
+TLS_MODES = (TLS_OFF, TLS_ON, TLS_REQUIRE)
 
 
 @dataclass
@@ -251,10 +266,20 @@ class Handshake:
     `done` is set the client chose an export (`result`) and any bytes that
     followed belong to the transmission phase (`leftover`).  When `closed` is
     set the connection must be dropped after sending what was returned.
+
+    When `starttls` is set, STARTTLS was acknowledged: the caller sends the
+    returned bytes, upgrades the connection and calls `tls_started`; until
+    then nothing more may be fed.  Each export the client was refused by
+    `access` adds a line to `refusals`, for the caller to log with who asked.
     """
 
     exports: Sequence[ExportInfo]
     shutting_down: bool = False
+    tls: str = TLS_OFF
+    access: AccessCheck | None = None
+    tls_active: bool = False
+    starttls: bool = False
+    refusals: list[str] = field(default_factory=list)
     result: Negotiated | None = None
     closed: bool = False
     leftover: bytes = b""
@@ -282,12 +307,23 @@ class Handshake:
                 return export
         return None
 
+    def tls_started(self) -> None:
+        """The connection now runs over TLS: option state starts afresh."""
+        if not self.starttls:
+            raise LocalProtocolError("no STARTTLS was acknowledged")
+        self.starttls = False
+        self.tls_active = True
+        self._structured = False
+        self._meta_export = None
+
     def receive_data(self, data: bytes) -> bytes:
         if self.done or self.closed:
             raise LocalProtocolError("handshake is over")
+        if self.starttls:
+            raise LocalProtocolError("upgrade to TLS before feeding more data")
         self._buf += data
         out: list[bytes] = []
-        while not self.done and not self.closed:
+        while not self.done and not self.closed and not self.starttls:
             if self._skip:
                 n = min(self._skip, len(self._buf))
                 del self._buf[:n]
@@ -326,6 +362,9 @@ class Handshake:
         if self.done:
             self.leftover = bytes(self._buf)
             self._buf.clear()
+        elif self.starttls and self._buf:
+            # The TLS handshake may only begin once the client read our ACK.
+            raise RemoteProtocolError("data after NBD_OPT_STARTTLS before the TLS handshake")
         return b"".join(out)
 
     def _option(self, option: int, data: bytes) -> bytes:
@@ -337,17 +376,19 @@ class Handshake:
                 self.closed, self.close_reason = True, "server is shutting down"
                 return b""
             return option_reply(option, REP_ERR_SHUTDOWN, _error_text("server shutting down"))
+        if option == OPT_STARTTLS:
+            return self._starttls(data)
+        if self.tls == TLS_REQUIRE and not self.tls_active:
+            if option == OPT_EXPORT_NAME:
+                # EXPORT_NAME cannot carry an error: the spec says terminate.
+                self.closed, self.close_reason = True, "EXPORT_NAME without TLS (TLS required)"
+                return b""
+            return option_reply(option, REP_ERR_TLS_REQD, _error_text("TLS is required"))
         try:
             if option == OPT_EXPORT_NAME:
                 return self._export_name(data)
             if option == OPT_LIST:
                 return self._list(data)
-            if option == OPT_STARTTLS:
-                if data:
-                    raise _InvalidOption("STARTTLS takes no data")
-                return option_reply(
-                    option, REP_ERR_POLICY, _error_text("TLS is not enabled on this server")
-                )
             if option in (OPT_INFO, OPT_GO):
                 return self._info_go(option, data)
             if option == OPT_STRUCTURED_REPLY:
@@ -360,6 +401,33 @@ class Handshake:
         except _InvalidOption as exc:
             return option_reply(option, REP_ERR_INVALID, _error_text(str(exc)))
         return option_reply(option, REP_ERR_UNSUP, _error_text(f"option {option} unsupported"))
+
+    def _starttls(self, data: bytes) -> bytes:
+        if self.tls == TLS_OFF:
+            return option_reply(
+                OPT_STARTTLS, REP_ERR_POLICY, _error_text("TLS is not enabled on this server")
+            )
+        if data:
+            return option_reply(
+                OPT_STARTTLS, REP_ERR_INVALID, _error_text("STARTTLS takes no data")
+            )
+        if self.tls_active:
+            return option_reply(OPT_STARTTLS, REP_ERR_INVALID, _error_text("TLS is already on"))
+        self.starttls = True
+        return option_reply(OPT_STARTTLS, REP_ACK)
+
+    def _refusal(self, export: ExportInfo, *, log: bool = True) -> tuple[int, str] | None:
+        """(error reply, reason) when this client may not use `export`."""
+        if export.tls_only and not self.tls_active:
+            # NOTLS mode never sends TLS_REQD (the spec); then it is policy.
+            error = REP_ERR_POLICY if self.tls == TLS_OFF else REP_ERR_TLS_REQD
+            return error, f"export {export.name!r} requires TLS"
+        reason = self.access(export) if self.access is not None else None
+        if reason is None:
+            return None
+        if log:
+            self.refusals.append(f"export {export.name!r}: {reason}")
+        return REP_ERR_POLICY, reason
 
     def _flags_for(self, export: ExportInfo) -> int:
         flags = export.flags | FLAG_HAS_FLAGS
@@ -377,6 +445,10 @@ class Handshake:
             # EXPORT_NAME cannot carry an error: the spec says terminate.
             self.closed, self.close_reason = True, f"unknown export {data[:64]!r}"
             return b""
+        refusal = self._refusal(export)
+        if refusal is not None:
+            self.closed, self.close_reason = True, f"export {export.name!r}: {refusal[1]}"
+            return b""
         flags = self._flags_for(export)
         self._finish(export, flags, block_size_requested=False)
         reply = _EXPORT_NAME_REPLY.pack(export.size, flags)
@@ -387,6 +459,8 @@ class Handshake:
             raise _InvalidOption("LIST takes no data")
         out = []
         for export in self.exports:
+            if self._refusal(export, log=False) is not None:
+                continue  # the spec allows omitting exports the client cannot use
             name = export.name.encode("utf-8")
             desc = export.description.encode("utf-8")
             out.append(option_reply(OPT_LIST, REP_SERVER, _U32.pack(len(name)) + name + desc))
@@ -401,6 +475,9 @@ class Handshake:
         export = self.lookup(name)
         if export is None:
             return option_reply(option, REP_ERR_UNKNOWN, _error_text(f"no export named {name!r}"))
+        refusal = self._refusal(export)
+        if refusal is not None:
+            return option_reply(option, refusal[0], _error_text(refusal[1]))
         flags = self._flags_for(export)
         out = [option_reply(option, REP_INFO, _INFO_EXPORT.pack(INFO_EXPORT, export.size, flags))]
         if INFO_NAME in requests:
@@ -443,6 +520,9 @@ class Handshake:
         export = self.lookup(name)
         if export is None:
             return option_reply(option, REP_ERR_UNKNOWN, _error_text(f"no export named {name!r}"))
+        refusal = self._refusal(export)
+        if refusal is not None:
+            return option_reply(option, refusal[0], _error_text(refusal[1]))
         if option == OPT_LIST_META_CONTEXT:
             match = not queries or any(q in ("base:", META_BASE_ALLOCATION) for q in queries)
         else:

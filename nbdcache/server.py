@@ -7,19 +7,28 @@ all replies with one `writelines`; there is no Task or future per request.
 Replies to a batch are bounded (`max_inflight_bytes`): when the transport's
 buffer passes its high-water mark the connection stops reading until the
 client drains it.  A misbehaving client only ever loses its own connection.
+
+Connection setup is guarded by `nbdcache.limits` (connection counts,
+handshake and idle timeouts, keepalive) and, when TLS is on, upgraded after
+NBD_OPT_STARTTLS with `loop.start_tls`; each export's `nbdcache.tls`
+access list is asked at option time and again on `reload`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
-from collections.abc import Sequence
+import ssl
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 from nbdcache import protocol as p
+from nbdcache import tls
 from nbdcache.device import Device, Outcome
+from nbdcache.limits import Admission, Limits, set_keepalive
 from nbdcache.tier import StoreError
 
 log = logging.getLogger("nbdcache.server")
@@ -53,10 +62,23 @@ class NBDServer:
         *,
         max_inflight_bytes: int = 16 << 20,
         shutdown_grace: float = 2.0,
+        limits: Limits | None = None,
+        tls_mode: str = p.TLS_OFF,
+        ssl_context: ssl.SSLContext | None = None,
+        access: Mapping[str, tls.AccessList] | None = None,
     ) -> None:
+        if tls_mode not in p.TLS_MODES or (tls_mode != p.TLS_OFF and ssl_context is None):
+            raise ValueError("TLS needs a mode from protocol.TLS_MODES and a context")
         self.exports = list(exports)
-        self.export_infos = [e.info for e in self.exports]
         self.by_name = {e.info.name: e for e in self.exports}
+        self.limits = limits = limits or Limits()
+        self.admission = Admission(limits)
+        self.max_inflight_requests = limits.max_inflight_requests
+        self.tls_mode = tls_mode
+        self.ssl_context = ssl_context
+        self.access: dict[str, tls.AccessList] = {}
+        self.export_infos: list[p.ExportInfo] = []
+        self._set_access(access or {})
         self.max_inflight_bytes = max_inflight_bytes
         self.shutdown_grace = shutdown_grace
         self.shutting_down = False
@@ -89,6 +111,28 @@ class NBDServer:
             srv = await loop.create_server(lambda: Connection(self), sock=sock)
         self._listeners.append(srv)
 
+    def _set_access(self, access: Mapping[str, tls.AccessList]) -> None:
+        self.access = {name: access.get(name, tls.ALLOW_ALL) for name in self.by_name}
+        # An export that names certificates is TLS-only (SELECTIVETLS).
+        self.export_infos = [
+            dataclasses.replace(e.info, tls_only=self.access[e.info.name].needs_certificate)
+            for e in self.exports
+        ]
+
+    def reload(
+        self, ssl_context: ssl.SSLContext | None, access: Mapping[str, tls.AccessList]
+    ) -> None:
+        """New certificates and access lists; connections no longer allowed are closed.
+
+        Connections already past STARTTLS keep their session (TLS cannot
+        be renegotiated under them); the new context serves new upgrades.
+        """
+        if self.tls_mode != p.TLS_OFF and ssl_context is not None:
+            self.ssl_context = ssl_context
+        self._set_access(access)
+        for conn in list(self.connections):
+            conn.recheck_access()
+
     def stats(self) -> dict[str, int]:
         return {
             "connections": len(self.connections),
@@ -103,6 +147,9 @@ class NBDServer:
 
     def _unregister(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        if conn.admitted:
+            conn.admitted = False
+            self.admission.release(conn.client)
         if not self.connections:
             self._all_closed.set()
 
@@ -136,6 +183,12 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.client = "unix"  # the address connection limits count by
+        self.identity = tls.Peer(None)
+        self.admitted = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.tls_task: asyncio.Task[None] | None = None
+        self.seen = False  # data arrived since the last idle check
         self.handshake: p.Handshake | None = None
         self.neg: p.Negotiated | None = None
         self.device: Device | None = None
@@ -155,22 +208,43 @@ class Connection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         transport = self.transport
+        server = self.server
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if server.limits.keepalive:
+                set_keepalive(sock)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        if isinstance(peer, tuple):
+            self.client = str(peer[0])
+            self.identity = tls.Peer(tls.parse_address(peer[0]))
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.server._register(self)
-        if self.server.shutting_down:
+        server._register(self)
+        if server.shutting_down:
             transport.abort()
             return
-        self.handshake = p.Handshake(self.server.export_infos)
+        refusal = server.admission.refusal(self.client)
+        if refusal is not None:
+            log.warning("%s: refusing connection: %s", self.peer, refusal)
+            self.closing = True
+            transport.close()
+            return
+        server.admission.admit(self.client)
+        self.admitted = True
+        self.handshake = p.Handshake(
+            server.export_infos, tls=server.tls_mode, access=self._access_refusal
+        )
         transport.write(self.handshake.greeting())
+        if server.limits.handshake_timeout:
+            loop = asyncio.get_running_loop()
+            self.timer = loop.call_later(server.limits.handshake_timeout, self._handshake_expired)
         log.debug("%s: connected", self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        if self.timer is not None:
+            self.timer.cancel()
         self.buf = bytearray()
         self.server._unregister(self)
         log.debug("%s: disconnected (%s)", self.peer, exc or "closed")
@@ -189,6 +263,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        self.seen = True
         try:
             if self.neg is None:
                 self._handshake(data)
@@ -223,8 +298,18 @@ class Connection(asyncio.Protocol):
         self.closing = True
         if self.transport is not None:
             self.transport.abort()
+        if self.tls_task is not None:
+            self.tls_task.cancel()  # a TLS handshake in progress ends too
 
     # --- handshake ------------------------------------------------------------
+
+    def _access_refusal(self, export: p.ExportInfo) -> str | None:
+        return self.server.access[export.name].refusal(self.identity)
+
+    def _handshake_expired(self) -> None:
+        self.timer = None
+        if self.neg is None:
+            self.abort(f"handshake not finished in {self.server.limits.handshake_timeout:g}s")
 
     def _handshake(self, data: bytes) -> None:
         hs = self.handshake
@@ -232,15 +317,29 @@ class Connection(asyncio.Protocol):
         out = hs.receive_data(data)
         if out:
             self.transport.write(out)
+        for refusal in hs.refusals:
+            log.warning("%s: refused %s (%s)", self.peer, refusal, self.identity.describe())
+        hs.refusals.clear()
         if hs.closed:
             log.info("%s: handshake ended: %s", self.peer, hs.close_reason)
             self.closing = True
             self.transport.close()
             return
+        if hs.starttls:
+            # The ACK is written; the TLS handshake follows on the same socket,
+            # and no byte of it may reach the plain-text handshake meanwhile.
+            self.transport.pause_reading()
+            self.tls_task = asyncio.get_running_loop().create_task(self._start_tls(hs))
+            return
         if hs.result is not None:
             self.neg = hs.result
             self.device = self.server.by_name[hs.result.export.name].device
             self.handshake = None
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            if self.server.limits.idle_timeout:
+                self._schedule_idle_check()
             log.info(
                 "%s: attached export %r (structured replies: %s)",
                 self.peer,
@@ -251,6 +350,63 @@ class Connection(asyncio.Protocol):
                 self.buf += hs.leftover
                 self._process()
 
+    async def _start_tls(self, hs: p.Handshake) -> None:
+        old = self.transport
+        ctx = self.server.ssl_context
+        assert old is not None and ctx is not None
+        loop = asyncio.get_running_loop()
+        timeout = self.server.limits.handshake_timeout or None
+        try:
+            new = await loop.start_tls(
+                old, self, ctx, server_side=True, ssl_handshake_timeout=timeout
+            )
+        except (OSError, TimeoutError, asyncio.CancelledError) as exc:
+            self.abort(f"TLS handshake failed: {exc or type(exc).__name__}")
+            old.abort()
+            # The TLS layer does not always report the loss of a connection it
+            # never finished setting up: unregister here (it is idempotent).
+            self.connection_lost(None)
+            return
+        finally:
+            self.tls_task = None
+        if new is None or self.closing:
+            old.abort()
+            return
+        self.transport = new
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.identity = tls.Peer.from_cert(self.identity.address, new.get_extra_info("peercert"))
+        hs.tls_started()
+        log.info("%s: TLS started (%s)", self.peer, self.identity.describe())
+
+    def recheck_access(self) -> None:
+        """After a reload: close this connection if its export now refuses it."""
+        if self.neg is None or self.closing:
+            return
+        refusal = self._access_refusal(self.neg.export)
+        if refusal is not None:
+            log.warning(
+                "%s: access to export %r revoked: %s (%s)",
+                self.peer,
+                self.neg.export.name,
+                refusal,
+                self.identity.describe(),
+            )
+            self.abort_when_idle("access revoked")
+
+    def _schedule_idle_check(self) -> None:
+        self.seen = False
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(self.server.limits.idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self.timer = None
+        if self.closing:
+            return
+        if self.seen or self.inflight:
+            self._schedule_idle_check()
+        else:
+            self.abort(f"idle for {self.server.limits.idle_timeout:g}s")
+
     # --- transmission ---------------------------------------------------------
 
     def _process(self) -> None:
@@ -258,7 +414,10 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         while not (self.write_paused or self.closing or self.draining):
-            if self.inflight_bytes >= self.server.max_inflight_bytes:
+            if (
+                self.inflight_bytes >= self.server.max_inflight_bytes
+                or self.inflight >= self.server.max_inflight_requests
+            ):
                 self.store_paused = True
                 transport.pause_reading()
                 return
@@ -373,6 +532,17 @@ class Connection(asyncio.Protocol):
                 exc,
             )
             self._error(req, exc.errno, out, str(exc))
+        elif isinstance(exc, OSError):
+            # The image failed under a read: an I/O error for the client, not a bug.
+            log.warning(
+                "%s: request %d at %d+%d failed: image I/O error: %s",
+                self.peer,
+                req.type,
+                req.offset,
+                req.length,
+                exc.strerror or exc,
+            )
+            self._error(req, p.ENOSPC if exc.errno == p.ENOSPC else p.EIO, out, "I/O error")
         else:
             log.error("%s: internal error on request type %d", self.peer, req.type, exc_info=exc)
             self._error(req, p.EIO, out, "internal server error")
@@ -395,7 +565,11 @@ class Connection(asyncio.Protocol):
             self._finish_disconnect()  # close() sends the replies written above
         elif self.draining and not self.inflight:
             self._finish_disconnect()
-        elif self.store_paused and self.inflight_bytes < self.server.max_inflight_bytes:
+        elif (
+            self.store_paused
+            and self.inflight_bytes < self.server.max_inflight_bytes
+            and self.inflight < self.server.max_inflight_requests
+        ):
             self.store_paused = False
             if not self.write_paused:
                 self.transport.resume_reading()

@@ -128,6 +128,10 @@ class WritebackPolicy:
     wait_timeout: float = 30.0  # seconds a write may wait for room
 
 
+#: Queued writes scanned for base reads to start ahead of their turn.
+_PREFETCH_SCAN = 256
+
+
 @dataclass
 class _Waiter:
     """A write queued for room, a reservation or (a patch) the page's old content."""
@@ -137,6 +141,7 @@ class _Waiter:
     start: int  # -1: a whole page; else a patch at this byte
     future: asyncio.Future[None]
     base: bytes | None = None  # a patched DISK page's content, once read
+    fetching: bool = False  # that read is under way
     since: float = field(default_factory=time.monotonic)
     queued: bool = True  # still counted in WritebackStore.queued
     timer: asyncio.TimerHandle | None = None  # its `wait_timeout`
@@ -569,46 +574,85 @@ class WritebackStore:
                     base: bytes | None = self.through[w.pgno]  # written through, in flight
                 elif self.ram.state(w.pgno) == DISK and w.base is None:
                     self._fetch_base(w)
+                    self._prefetch_bases()
                     return
                 else:
                     base = w.base if self.ram.state(w.pgno) == DISK else self.ram.load(w.pgno)
                 assert base is not None
                 data = bytearray(base)
                 data[w.start : w.start + len(w.data)] = w.data
-            through = w.start < 0 and self.full and w.data[0] != w.data[8]
+            # Full: a whole page (a first write, typically, once its blocks
+            # are reserved) goes to the image as a direct write would; so
+            # does any page that finds no room, patched or not.
+            through = (
+                w.start < 0
+                and self.full
+                and w.data[0] != w.data[8]
+                and self._can_write_through(w.pgno)
+            )
             if not through:
                 try:
                     self._store_now(w.pgno, data)
                 except ArenaFull:
-                    self.full = through = True
+                    self.full = True
+                    if not self._can_write_through(w.pgno):
+                        self.evicting = True
+                        self._schedule()
+                        return
+                    through = True
                 except StoreError as exc:
                     waiters.popleft()
                     self._unqueue(w)
                     w.future.set_exception(exc)
                     continue
-            if through:
-                # The page (a first write, typically, once its blocks are
-                # reserved) goes to the image as a direct write would.
-                if not self._can_write_through(w.pgno):
-                    self.evicting = True
-                    self._schedule()
-                    return
-                self.through[w.pgno] = bytes(data)  # the whole page, patched or not
             waiters.popleft()
             self._unqueue(w)
             self.write_wait_ns += int((time.monotonic() - w.since) * 1e9)
             if through:
+                self.through[w.pgno] = bytes(data)
                 self._add_to_turn(w.pgno, w.future)
             else:
                 w.future.set_result(None)
 
+    def _prefetch_bases(self) -> None:
+        """Start the base reads of the patches queued behind the head as well.
+
+        Otherwise a queue of partial writes to pages on disk reads one base
+        at a time, each behind the writeback I/O on the pool, and stalls.
+        Only a page's first queued write qualifies: writes to a queued page
+        wait behind it, so nothing changes the page before it is stored (and
+        one whose page left DISK meanwhile uses the RAM copy, as at the head).
+        """
+        seen: set[int] = set()
+        for i, w in enumerate(self.waiters):
+            if i >= _PREFETCH_SCAN:
+                break
+            if w.pgno in seen:
+                continue
+            seen.add(w.pgno)
+            if (
+                i
+                and w.start >= 0
+                and w.base is None
+                and not w.fetching
+                and not w.future.done()
+                and w.pgno not in self.punching
+                and self.img[w.pgno] != IMG_NONE
+                and self.ram.state(w.pgno) == DISK
+            ):
+                self._fetch_base(w)
+
     def _fetch_base(self, w: _Waiter) -> None:
         """Read a patched page's old content from the image; pump again when in."""
+        if w.fetching:
+            return
+        w.fetching = True
         fut = self.reads.get(w.pgno)
         if fut is None:
             fut = self._read_fill(w.pgno)
 
         def got(f: asyncio.Future[bytes]) -> None:
+            w.fetching = False
             if f.cancelled() or f.exception() is not None:
                 if not w.future.done():
                     self._unqueue(w)

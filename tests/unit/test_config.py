@@ -59,6 +59,18 @@ def test_embedded_default_needs_no_file() -> None:
             "exports: export name 'a' is used twice",
         ),
         ("[server\n", "c.toml"),
+        (
+            '[[exports]]\nallowed_networks = ["10.0.0.0/33"]\n',
+            "exports[0].allowed_networks: not an address or network: '10.0.0.0/33'",
+        ),
+        (
+            '[[exports]]\nallowed_names = ["alice"]\n',
+            "exports[0].allowed_names: needs server.tls_ca",
+        ),
+        ('[server]\ntls = "require"\n', "server: tls = on or require needs tls_cert"),
+        ('[server]\ntls_ca = "ca.pem"\n', "server: tls_cert, tls_key and tls_ca need tls"),
+        ("[server]\nmax_connections = 0\n", "server.max_connections: must be at least 1"),
+        ("[server]\nhandshake_timeout = -1\n", "server.handshake_timeout: must not be negative"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path: Path, toml: str, message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -9,6 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbdcache import protocol as p
+
+#: Examples per fuzz test; raise for long runs (see tests/interop/test_fuzz.py).
+FUZZ_EXAMPLES = int(os.environ.get("NBDCACHE_FUZZ_EXAMPLES", "300"))
 
 EXPORTS = [
     p.ExportInfo("first", 1 << 20, p.FLAG_HAS_FLAGS | p.FLAG_SEND_TRIM, "the first"),
@@ -314,15 +318,28 @@ def test_reply_encodings() -> None:
         p.structured_error(3, 0)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.binary(max_size=64), max_size=20), st.booleans())
-def test_fuzz_server_side_only_raises_remote_errors(chunks: list[bytes], prefix: bool) -> None:
-    """Garbage fed to the handshake and then the transmission parser only
-    ever raises RemoteProtocolError."""
-    hs = p.Handshake(EXPORTS)
-    feed = [struct.pack(">I", 3) + opt(p.OPT_STRUCTURED_REPLY)] if prefix else []
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(
+    st.lists(st.binary(max_size=64), max_size=20),
+    st.booleans(),
+    st.sampled_from(p.TLS_MODES),
+    st.booleans(),
+)
+def test_fuzz_server_side_only_raises_remote_errors(
+    chunks: list[bytes], prefix: bool, mode: str, starttls: bool
+) -> None:
+    """Garbage fed to the handshake (in every TLS mode) and then the
+    transmission parser only ever raises RemoteProtocolError."""
+    hs = p.Handshake(EXPORTS, tls=mode, access=lambda e: "no" if e.name == "ro" else None)
+    feed = [struct.pack(">I", 3)] if prefix else []
+    if prefix and starttls:
+        feed.append(opt(p.OPT_STARTTLS))
+    if prefix:
+        feed.append(opt(p.OPT_STRUCTURED_REPLY))
     try:
         for chunk in feed + chunks:
+            if hs.starttls:
+                hs.tls_started()
             hs.receive_data(chunk)
             if hs.done or hs.closed:
                 break
@@ -346,17 +363,20 @@ def test_fuzz_server_side_only_raises_remote_errors(chunks: list[bytes], prefix:
         pass
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(
     st.lists(
         st.tuples(st.integers(0, 12), st.binary(max_size=40)),
         max_size=12,
-    )
+    ),
+    st.sampled_from(p.TLS_MODES),
 )
-def test_fuzz_well_framed_options_never_crash(options: list[tuple[int, bytes]]) -> None:
+def test_fuzz_well_framed_options_never_crash(options: list[tuple[int, bytes]], mode: str) -> None:
     """Well-framed options with arbitrary payloads get replies, never exceptions."""
-    hs = started()
+    hs = negotiating(mode)
     for option, data in options:
+        if hs.starttls:
+            hs.tls_started()
         out = hs.receive_data(opt(option, data))
         if hs.done or hs.closed:
             break
@@ -364,3 +384,92 @@ def test_fuzz_well_framed_options_never_crash(options: list[tuple[int, bytes]]) 
             assert rtype in (p.REP_ACK, p.REP_SERVER, p.REP_INFO, p.REP_META_CONTEXT) or rtype & (
                 1 << 31
             )
+
+
+# --- TLS (the spec's "TLS support") -------------------------------------------
+
+
+def negotiating(mode: str, **kwargs: object) -> p.Handshake:
+    hs = p.Handshake(EXPORTS, tls=mode, **kwargs)  # type: ignore[arg-type]
+    hs.receive_data(struct.pack(">I", p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES))
+    return hs
+
+
+def test_forced_tls_refuses_every_option_but_starttls_and_abort() -> None:
+    hs = negotiating(p.TLS_REQUIRE)
+    for option, data in [
+        (p.OPT_LIST, b""),
+        (p.OPT_INFO, go_data("first")),
+        (p.OPT_GO, go_data("first")),
+        (p.OPT_STRUCTURED_REPLY, b""),
+        (99, b"x"),
+    ]:
+        ((_, rtype, _),) = replies(hs.receive_data(opt(option, data)))
+        assert rtype == p.REP_ERR_TLS_REQD
+    assert not hs.done and not hs.closed
+    assert hs.receive_data(opt(p.OPT_EXPORT_NAME, b"first")) == b""
+    assert hs.closed and not hs.done
+
+
+def test_forced_tls_abort_is_acknowledged() -> None:
+    hs = negotiating(p.TLS_REQUIRE)
+    assert replies(hs.receive_data(opt(p.OPT_ABORT)))[0][1] == p.REP_ACK
+    assert hs.closed
+
+
+def test_starttls_acks_then_option_state_starts_afresh() -> None:
+    hs = negotiating(p.TLS_ON)
+    hs.receive_data(opt(p.OPT_STRUCTURED_REPLY))
+    out = replies(hs.receive_data(opt(p.OPT_STARTTLS)))
+    assert out == [(p.OPT_STARTTLS, p.REP_ACK, b"")]
+    assert hs.starttls
+    with pytest.raises(p.LocalProtocolError):
+        hs.receive_data(opt(p.OPT_LIST))
+    hs.tls_started()
+    assert hs.tls_active and not hs.starttls
+    again = replies(hs.receive_data(opt(p.OPT_STARTTLS)))
+    assert again[0][1] == p.REP_ERR_INVALID
+    hs.receive_data(opt(p.OPT_GO, go_data("first")))
+    assert hs.result is not None and not hs.result.structured_replies
+
+
+def test_data_pipelined_after_starttls_is_a_remote_error() -> None:
+    hs = negotiating(p.TLS_REQUIRE)
+    with pytest.raises(p.RemoteProtocolError):
+        hs.receive_data(opt(p.OPT_STARTTLS) + b"\x16\x03\x01")
+
+
+def test_starttls_with_data_is_invalid_and_tls_off_is_policy() -> None:
+    hs = negotiating(p.TLS_ON)
+    assert replies(hs.receive_data(opt(p.OPT_STARTTLS, b"x")))[0][1] == p.REP_ERR_INVALID
+    assert not hs.starttls
+    off = negotiating(p.TLS_OFF)
+    assert replies(off.receive_data(opt(p.OPT_STARTTLS)))[0][1] == p.REP_ERR_POLICY
+
+
+def test_tls_only_export_needs_tls_in_selective_mode() -> None:
+    exports = [EXPORTS[0], p.ExportInfo("secret", 8192, p.FLAG_HAS_FLAGS, tls_only=True)]
+    hs = p.Handshake(exports, tls=p.TLS_ON)
+    hs.receive_data(struct.pack(">I", 3))
+    listed = replies(hs.receive_data(opt(p.OPT_LIST)))
+    assert [r[1] for r in listed] == [p.REP_SERVER, p.REP_ACK]  # secret omitted
+    assert replies(hs.receive_data(opt(p.OPT_GO, go_data("secret"))))[0][1] == p.REP_ERR_TLS_REQD
+    hs.receive_data(opt(p.OPT_STARTTLS))
+    hs.tls_started()
+    hs.receive_data(opt(p.OPT_GO, go_data("secret")))
+    assert hs.result is not None and hs.result.export.name == "secret"
+
+
+def test_access_refusal_is_policy_and_recorded() -> None:
+    def access(export: p.ExportInfo) -> str | None:
+        return "not you" if export.name == "ro" else None
+
+    hs = negotiating(p.TLS_OFF, access=access)
+    listed = replies(hs.receive_data(opt(p.OPT_LIST)))
+    assert len(listed) == 2  # only "first", then ACK
+    for option in (p.OPT_INFO, p.OPT_GO):
+        ((_, rtype, text),) = replies(hs.receive_data(opt(option, go_data("ro"))))
+        assert rtype == p.REP_ERR_POLICY and text == b"not you"
+    assert hs.refusals == ["export 'ro': not you"] * 2
+    assert hs.receive_data(opt(p.OPT_EXPORT_NAME, b"ro")) == b""
+    assert hs.closed and "not you" in hs.close_reason

@@ -595,3 +595,36 @@ def test_pages_read_from_the_image_are_promoted_only_with_exclusive_gets_off(
     for mode in ("off", "lazy", "eager"):
         (tmp_path / mode).mkdir()
         assert asyncio.run(run(mode)) == (1 if mode == "off" else 0)
+
+
+def test_queued_patches_to_pages_on_disk_read_their_bases_together(tmp_path: Path) -> None:
+    """Partial writes to pages on disk queue for their old content; the reads
+    start together (one per page), not one after another behind writeback."""
+
+    async def run() -> None:
+        store = make(tmp_path, "zbud", "off", False, 5)
+        store.adopt_image(preallocated=True)
+        dev = Device(store, SIZE)
+        model = bytearray(SIZE)
+        for p in range(PAGES):
+            data = page(p, False)
+            await settle(dev.write(p * 4096, memoryview(data)))
+            model[p * 4096 : (p + 1) * 4096] = data
+        on_disk = [p for p in range(PAGES) if store.ram.state(p) == DISK][:48]
+        assert len(on_disk) == 48
+        pending = []
+        for i, p in enumerate(on_disk):
+            for k in range(2):  # the second patch of a page waits behind the first
+                off = p * 4096 + 100 + 1000 * k
+                data = bytes([(2 * i + k) % 255 + 1]) * 500
+                pending.append(dev.write(off, memoryview(data)))
+                model[off : off + len(data)] = data
+        assert len(store.reads) == len(on_disk)  # every page's base is on its way
+        for w in pending:
+            await settle(w)
+        assert await read_all(dev, 0, SIZE) == model
+        store.ram.check()
+        await store.close()
+        store.ram.close()
+
+    asyncio.run(run())
