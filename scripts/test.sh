@@ -20,6 +20,8 @@ check qemu-system-x86_64 qemu-system-x86
 check fio fio
 check gcc gcc
 check nbd-client nbd-client
+# The lab's namespace tests (deploy/lab) create namespaces and veth links.
+check ip iproute2
 # The guest's memory hog is linked statically.
 dpkg -s libc6-dev >/dev/null 2>&1 || need+=(libc6-dev)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx swapon || need+=(busybox-static)

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from test_swap import PAGE, MiB, assert_clean_exit, assert_verified, nbdcache_args
-from vm.initramfs import GuestImage
+from vm.initramfs import GuestImage, build_guest
 from vm.profiles import Profile, current
 from vm.runner import ConsoleLine, GuestConfig, GuestResult, run_guest
 from vm.servers import NbdServer, allocated_bytes
@@ -179,3 +179,68 @@ def test_mirror_survives_a_killed_server_and_resyncs_a_fresh_one(
     assert allocated_bytes(fresh[0].url) > 0
     assert_clean_exit(survivor)
     assert_clean_exit(fresh[0])
+
+
+REPO = Path(__file__).resolve().parents[2]
+ATTACH = REPO / "deploy" / "attach-swap.sh"
+DETACH = REPO / "deploy" / "detach-swap.sh"
+
+
+@pytest.mark.skipif(
+    PROFILE.name != "full",
+    reason="two more boots on the guest's nbd driver: NBDCACHE_E2E=full "
+    "(test_attach_scripts_in_guest covers the scripts' single-target path in CI)",
+)
+@pytest.mark.parametrize("mode", ["stripe", "mirror"])
+def test_attach_scripts_stripe_and_mirror(
+    profile: Profile,
+    start_server: Callable[..., NbdServer],
+    record: Callable[..., None],
+    tmp_path: Path,
+    mode: str,
+) -> None:
+    """attach-swap.sh --stripe / --mirror over two servers, and detach-swap.sh, in the guest."""
+    image = build_guest(
+        {"/usr/local/sbin/attach-swap.sh": ATTACH, "/usr/local/sbin/detach-swap.sh": DETACH}
+    )
+    servers = []
+    for i in range(2):
+        (tmp_path / f"s{i}").mkdir()
+        servers.append(
+            start_server("nbdcache", profile.nbd_size, nbdcache_args(profile, tmp_path / f"s{i}"))
+        )
+    config = GuestConfig(
+        memory=profile.nbd_memory,
+        hog_mib=profile.nbd_hog_mib,
+        passes=1,
+        disk="attach",
+        layout=mode,
+        attach_args=(f"--{mode}",),
+        timeout=profile.timeout,
+    )
+    result = run_guest(image, [s.target for s in servers], config, tmp_path / "console.log")
+    record(result, servers[0], layout=f"attach-{mode}", servers=2)
+    failure = result.describe_failure()
+    nonroot = result.event("attach-nonroot")
+    assert nonroot is not None and nonroot[1]["status"] != "0", failure
+    # A target that does not answer refuses the whole attach, before any change.
+    unreachable = result.event("attach-unreachable")
+    assert unreachable is not None and unreachable[1]["status"] == "1", failure
+    assert unreachable[1]["swaps"] == "0" and unreachable[1]["nbd_attached"] == "0", failure
+    again = result.event("attach-again")
+    assert again is not None and again[1]["status"] != "0", failure
+    swaps = [fields for _, fields in result.events("swaps")]
+    if mode == "stripe":
+        assert [s["dev"] for s in swaps] == ["/dev/nbd0", "/dev/nbd1"], failure
+        assert {s["priority"] for s in swaps} == {"10"}, failure
+    else:
+        assert [s["dev"] for s in swaps] == ["/dev/md0"], failure
+        md = result.md("after-hog")
+        assert md.get("degraded") == "0", failure
+        assert md.get("members") == "nbd0:in_sync,nbd1:in_sync", failure
+    assert_verified(result, config)
+    detached = result.event("detached")
+    assert detached is not None, failure
+    assert detached[1] == {"swaps": "0", "size_bytes": "0", "md_arrays": "0"}, failure
+    for server in servers:
+        assert_clean_exit(server)

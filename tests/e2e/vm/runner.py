@@ -326,7 +326,9 @@ def qemu_binary() -> str:
     return path
 
 
-def kernel_append(config: GuestConfig, target: NbdTarget, disks: int = 1) -> str:
+def kernel_append(config: GuestConfig, targets: Sequence[NbdTarget]) -> str:
+    target = targets[0]
+    disks = len(targets) if config.disk == "virtio" else 1
     args = [
         "console=ttyS0",
         "panic=-1",  # with -no-reboot: a panic ends qemu at once
@@ -354,6 +356,11 @@ def kernel_append(config: GuestConfig, target: NbdTarget, disks: int = 1) -> str
             args.append("e2e.nbd_export=" + target.export)
         if config.attach_args:
             args.append("e2e.attach_args=" + ",".join(config.attach_args))
+        if len(targets) > 1:
+            args.append(
+                "e2e.attach_targets="
+                + ",".join(f"10.0.2.2:{t.port}/{t.export}".rstrip("/") for t in targets)
+            )
     pause = (*config.pause_at, *(("readd",) if config.readd else ()))
     if pause:
         args.append("e2e.pause=" + ",".join(pause))
@@ -392,7 +399,7 @@ def qemu_command(
         "-initrd",
         str(image.initrd),
         "-append",
-        kernel_append(config, targets[0], len(targets)),
+        kernel_append(config, targets),
         "-serial",
         "stdio",
     ]

@@ -169,14 +169,24 @@ attach)
 	net_up
 	address="$nbd_host:$nbd_port"
 	[ -z "$nbd_export" ] || address="$address/$nbd_export"
-	# shellcheck disable=SC2086  # attach_args is split on purpose
-	set -- $(echo "$attach_args" | tr ',' ' ') "$address"
+	[ -z "$attach_targets" ] || address=$(echo "$attach_targets" | tr ',' ' ')
+	# shellcheck disable=SC2086  # attach_args and address are split on purpose
+	set -- $(echo "$attach_args" | tr ',' ' ') $address
 	echo "E2E attach-swap args=$(echo "$@" | tr ' ' ',')"
 	# Not root: refused, nothing attached.
 	as_nobody attach-swap.sh "$@" >/tmp/out 2>&1
 	echo "E2E attach-nonroot status=$? swaps=$(($(wc -l </proc/swaps) - 1))"
 	sed 's/^/E2E attach-nonroot-output /' /tmp/out
-	attach-swap.sh "$@" || fail "attach-swap.sh exit $?"
+	if [ -n "$attach_targets" ]; then
+		# The first target and one nobody listens on: refused before anything changes.
+		# shellcheck disable=SC2086
+		attach-swap.sh $(echo "$attach_args" | tr ',' ' ') "${attach_targets%%,*}" 10.0.2.2:1/swap >/tmp/out 2>&1
+		echo "E2E attach-unreachable status=$? swaps=$(($(wc -l </proc/swaps) - 1)) nbd_attached=$(cat /sys/block/nbd*/size | grep -cv '^0$')"
+		sed 's/^/E2E attach-unreachable-output /' /tmp/out
+	fi
+	attach-swap.sh "$@" >/tmp/attached || fail "attach-swap.sh exit $?"
+	devs=$(cat /tmp/attached)
+	echo "E2E attached devs=$(echo $devs | tr ' ' ',')"
 	dev=$(awk 'NR == 2 { print $1 }' /proc/swaps)
 	[ -n "$dev" ] || fail "attach-swap.sh enabled no swap"
 	# The device is busy now: a second attach is refused.
@@ -283,12 +293,20 @@ if [ "$layout" = mirror ] && [ "$readd" = 1 ]; then
 fi
 
 if [ "$disk" = attach ]; then
-	as_nobody detach-swap.sh "$dev" >/tmp/out 2>&1
+	# shellcheck disable=SC2086  # one device a word
+	as_nobody detach-swap.sh $devs >/tmp/out 2>&1
 	echo "E2E detach-nonroot status=$? swaps=$(($(wc -l </proc/swaps) - 1))"
 	sed 's/^/E2E detach-nonroot-output /' /tmp/out
-	echo "E2E detach-swap dev=$dev"
-	detach-swap.sh "$dev" || fail "detach-swap.sh exit $?"
-	echo "E2E detached swaps=$(($(wc -l </proc/swaps) - 1)) size_bytes=$(($(cat "/sys/block/${dev#/dev/}/size") * 512))"
+	echo "E2E detach-swap devs=$(echo $devs | tr ' ' ',')"
+	# shellcheck disable=SC2086
+	detach-swap.sh $devs || fail "detach-swap.sh exit $?"
+	# Every nbd device released (size 0), no md array left.
+	size=0
+	for path in /sys/block/nbd*; do
+		size=$((size + $(cat "$path/size") * 512))
+	done
+	arrays=$(grep -c '^md' /proc/mdstat 2>/dev/null)
+	echo "E2E detached swaps=$(($(wc -l </proc/swaps) - 1)) size_bytes=$size md_arrays=${arrays:-0}"
 elif [ "$layout" = stripe ]; then
 	for member in $members; do
 		swapoff "$member" || fail "swapoff $member"
@@ -296,7 +314,7 @@ elif [ "$layout" = stripe ]; then
 else
 	swapoff "$dev" || fail "swapoff"
 fi
-if [ "$layout" = mirror ]; then
+if [ "$layout" = mirror ] && [ "$disk" != attach ]; then
 	md_report after-swapoff
 	mdadm --stop /dev/md0 >/dev/null 2>&1 || fail "mdadm --stop"
 fi
