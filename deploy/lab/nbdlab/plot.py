@@ -84,7 +84,10 @@ def plot(csv_path: Path, outdir: Path, note: str = "") -> list[Path]:
         bottom.set_xlabel(label + (" (MiB)" if axis == "tier" else ""))
         top.set_ylim(bottom=0)
         bottom.set_ylim(bottom=0)
-        held = ", ".join(f"{c}={base[c]}" for c in fixed if not (axis != "tier" and c == "tier"))
+        held = ", ".join(
+            f"{'nbdcache tier' if c == 'tier' else c.replace('_ms', ' (ms)')}={base[c]}"
+            for c in fixed
+        )
         top.set_title(f"swap on remote memory vs {axis} ({held})", fontsize=10)
         top.legend()
         top.grid(alpha=0.3)
