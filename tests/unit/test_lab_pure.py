@@ -7,56 +7,53 @@ client sends many requests without waiting for replies.
 
 from __future__ import annotations
 
-import asyncio
+import socket
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy" / "lab"))
 
-from nbdlab.delay import serve
+from nbdlab.delay import DelayProxy
 from nbdlab.lab import Remote, RunSpec
-from nbdlab.procs import free_port
 from nbdlab.sweep import grid
 
 
-async def _through_proxy(delay_ms: float, chunks: list[bytes]) -> tuple[bytes, bytes]:
+def _through_proxy(delay_ms: float, chunks: list[bytes]) -> tuple[bytes, bytes]:
     """An upstream that greets, then echoes; the client pipelines `chunks`."""
+    upstream = socket.create_server(("127.0.0.1", 0))
 
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HELLO")
-        await writer.drain()
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
+    def echo() -> None:
+        conn, _ = upstream.accept()
+        with conn:
+            conn.sendall(b"HELLO")
+            while data := conn.recv(65536):
+                conn.sendall(data)
 
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    listen = free_port()
-    proxy = asyncio.create_task(serve(listen, "127.0.0.1", port, delay_ms))
-    for _ in range(100):
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", listen)
-            break
-        except OSError:
-            await asyncio.sleep(0.02)
-    greeting = await reader.readexactly(5)
-    for chunk in chunks:
-        writer.write(chunk)
-    await writer.drain()
-    echoed = await reader.readexactly(sum(map(len, chunks)))
-    writer.close()
-    proxy.cancel()
-    server.close()
-    return greeting, echoed
+    threading.Thread(target=echo, daemon=True).start()
+    proxy = DelayProxy(0, "127.0.0.1", upstream.getsockname()[1], delay_ms)
+    proxy.start()
+    total = sum(map(len, chunks))
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        sender = threading.Thread(target=lambda: [client.sendall(c) for c in chunks])
+        sender.start()
+        received = b""
+        while len(received) < 5 + total:
+            data = client.recv(65536)
+            assert data, "the proxy closed the connection early"
+            received += data
+        sender.join()
+    proxy.close()
+    upstream.close()
+    return received[:5], received[5:]
 
 
 @pytest.mark.parametrize("delay_ms", [0.0, 0.5, 2.0])
 def test_delay_proxy_keeps_every_byte_in_order(delay_ms: float) -> None:
     chunks = [bytes([i % 251]) * (1 + (i * 977) % 9000) for i in range(300)]
-    greeting, echoed = asyncio.run(_through_proxy(delay_ms, chunks))
+    greeting, echoed = _through_proxy(delay_ms, chunks)
     assert greeting == b"HELLO"
     assert echoed == b"".join(chunks)
 
