@@ -1,7 +1,8 @@
 """Charts of a sweep's CSV: swap throughput and hog run time, one line per server kind.
 
 One PNG per varied parameter (servers, delay, tier), each with two panels
-(throughput, run time). For each chart the other parameters are held at
+(throughput, run time); repeated runs of a point are drawn as their mean
+with a bar from the lowest to the highest. For each chart the other parameters are held at
 the value most runs share with the first point (the axes plan's base), so
 every line is one server kind varying one thing.
 """
@@ -70,15 +71,25 @@ def plot(csv_path: Path, outdir: Path, note: str = "") -> list[Path]:
                 continue
             x = _size_mib(r[column]) if axis == "tier" else float(r[column])
             lines[r["kind"]].append((x, float(r["swap_mib_s"]), float(r["hog_s"])))
-        if not any(len(points) > 1 for points in lines.values()):
+        if not any(len({p[0] for p in points}) > 1 for points in lines.values()):
             continue
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True)
         for kind, points in sorted(lines.items()):
-            points.sort()
-            xs = [p[0] for p in points]
+            # Repeated runs of one point: the mean, and a bar from min to max.
+            by_x: dict[float, list[tuple[float, float]]] = defaultdict(list)
+            for x, rate, secs in points:
+                by_x[x].append((rate, secs))
+            xs = sorted(by_x)
             name = "nbdkit memory" if kind == "nbdkit" else kind
-            top.plot(xs, [p[1] for p in points], marker="o", label=name)
-            bottom.plot(xs, [p[2] for p in points], marker="o", label=name)
+            for axes, i in ((top, 0), (bottom, 1)):
+                values = [[v[i] for v in by_x[x]] for x in xs]
+                means = [sum(v) / len(v) for v in values]
+                spread = [
+                    [m - min(v) for m, v in zip(means, values, strict=True)],
+                    [max(v) - m for m, v in zip(means, values, strict=True)],
+                ]
+                axes.errorbar(xs, means, yerr=spread, marker="o", capsize=3, label=name)
+        bottom.set_xticks(sorted({p[0] for points in lines.values() for p in points}))
         top.set_ylabel("swap in+out (MiB/s)")
         bottom.set_ylabel("hog run time (s)")
         bottom.set_xlabel(label + (" (MiB)" if axis == "tier" else ""))
