@@ -1,4 +1,4 @@
-"""The lab's pieces that need neither root nor a VM: the delay proxy, the sweep grid, targets.
+"""The lab's pieces that need neither root nor a VM: delay proxy, sweep grid, real servers.
 
 The proxy must deliver every byte in order in both directions, whatever the
 delay, also when the server talks first (NBD's greeting) and when the
@@ -7,18 +7,22 @@ client sends many requests without waiting for replies.
 
 from __future__ import annotations
 
+import shutil
+import signal
 import socket
+import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy" / "lab"))
+LAB = Path(__file__).resolve().parents[2] / "deploy" / "lab"
+sys.path.insert(0, str(LAB))
 
-from nbdlab.delay import DelayProxy
-from nbdlab.lab import Remote, RunSpec
-from nbdlab.sweep import grid
+from nbdlab.delay import DelayProxy  # noqa: E402
+from nbdlab.lab import Remote, RunSpec  # noqa: E402
+from nbdlab.sweep import grid  # noqa: E402
 
 
 def _through_proxy(delay_ms: float, chunks: list[bytes]) -> tuple[bytes, bytes]:
@@ -83,3 +87,40 @@ def test_remote_targets_parse() -> None:
     for bad in ("host-without-port", "example.org:10809", "192.0.2.1:x"):
         with pytest.raises(ValueError):
             Remote.parse(bad)
+
+
+@pytest.mark.skipif(
+    shutil.which("nbdkit") is None or shutil.which("nbdinfo") is None,
+    reason="needs nbdkit and nbdinfo",
+)
+def test_serve_with_remote_servers_puts_a_delay_proxy_in_front(tmp_path: Path) -> None:
+    """`nbdlab serve --remote ...`: no namespaces, one proxy per given server."""
+    port = socket.create_server(("127.0.0.1", 0))
+    number = port.getsockname()[1]
+    port.close()
+    remote = subprocess.Popen(
+        ["nbdkit", "--foreground", "--exit-with-parent", "--ipaddr", "127.0.0.1",
+         "--port", str(number), "--exportname", "swap", "memory", "3M"],
+    )  # fmt: skip
+    lab = subprocess.Popen(
+        [sys.executable, "-m", "nbdlab", "serve", "--remote", f"127.0.0.1:{number}/swap",
+         "--delay-ms", "1", "--workdir", str(tmp_path)],
+        cwd=LAB,
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert lab.stdout is not None
+        url = lab.stdout.readline().strip()
+        assert lab.stdout.readline().strip() == "ready"
+        assert url.startswith("nbd://127.0.0.1:") and url.endswith("/swap")
+        assert url != f"nbd://127.0.0.1:{number}/swap"  # the proxy, not the server
+        size = subprocess.run(["nbdinfo", "--size", url], capture_output=True, text=True)
+        assert size.stdout.strip() == str(3 * 2**20), size.stderr
+        lab.send_signal(signal.SIGTERM)
+        assert lab.wait(timeout=30) == 130
+    finally:
+        for proc in (lab, remote):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
