@@ -1,22 +1,38 @@
 #!/bin/bash
-# Attach an NBD export (an nbdcache server) as swap on this Linux host.
+# Attach NBD exports (nbdcache servers) as swap on this Linux host.
 #
 #   attach-swap.sh [--priority N] [--connections N] [--device /dev/nbdN] HOST:PORT[/EXPORT]
+#   attach-swap.sh --stripe [--priority N] [--connections N] TARGET TARGET...
+#   attach-swap.sh --mirror [--priority N] [--connections N] [--md /dev/mdN] TARGET TARGET
 #
-# Loads the nbd module if needed, asks the server about the export (reachable,
-# exists, writable, multi-conn), picks the first free /dev/nbdN (or the one
-# given), connects it with `nbd-client -b 4096 -swap -persist` (`-C N` with
-# --connections), marks it non-rotational, runs mkswap and
-# `swapon --discard=pages` (`-p N` with --priority), and prints the device.
-# Undo with detach-swap.sh DEVICE. Every refusal is one line on stderr and a
-# non-zero exit status (2: bad usage, 1: anything else).
+# Loads the nbd module if needed, asks every server about its export
+# (reachable, exists, writable, multi-conn) before changing anything, picks
+# free /dev/nbdN devices (or the one given), connects each with
+# `nbd-client -b 4096 -swap` (`-C N` with --connections), and then:
+# - one target: mkswap and `swapon --discard=pages` (`-p N` with
+#   --priority) on the device; nbd-client runs with -persist (it reconnects);
+# - --stripe: one swap area per target, all at the same priority (--priority,
+#   default 10), so the kernel spreads pages over the servers in turn;
+# - --mirror: md RAID1 over two targets (`mdadm --create --level=1
+#   --metadata=1.2 --assume-clean`), swap on the md device. The members are
+#   connected without -persist and with `-timeout 30`: when a server dies,
+#   its requests fail at once (or after 30 s if it stops answering) and md
+#   marks that member faulty and goes on with the other, where -persist
+#   would hold every swap I/O until the server came back.
+# Prints the devices to give detach-swap.sh, one a line (the md device for a
+# mirror). Every refusal is one line on stderr and a non-zero exit status
+# (2: bad usage, 1: anything else); a failure after the first device is
+# connected undoes what was done.
 set -u
 export LC_ALL=C
 
 prog=${0##*/}
-STATE_DIR=/run/nbdcache-swap  # one file per device attached here: its target
-PROBE_TIMEOUT=20              # seconds for the server to answer the probe
+STATE_DIR=/run/nbdcache-swap  # one file per device attached here
+PROBE_TIMEOUT=20              # seconds for each server to answer the probe
 BLOCK_SIZE=4096
+MIRROR_TIMEOUT=30             # nbd-client -timeout for mirror members
+STRIPE_PRIORITY=10
+USAGE="usage: $prog [--stripe | --mirror] [--priority N] [--connections N] [--device /dev/nbdN] [--md /dev/mdN] HOST:PORT[/EXPORT]..."
 
 die() {
 	echo "$prog: $*" >&2
@@ -27,7 +43,7 @@ usage() {
 	if [ $# -gt 0 ]; then
 		echo "$prog: $* (see $prog --help)" >&2
 	else
-		echo "usage: $prog [--priority N] [--connections N] [--device /dev/nbdN] HOST:PORT[/EXPORT]" >&2
+		echo "$USAGE" >&2
 	fi
 	exit 2
 }
@@ -37,19 +53,25 @@ is_uint() {
 	[ ${#1} -le 9 ]
 }
 
-priority= connections= device=
+mode=single priority= connections= device= md=
 while [ $# -gt 0 ]; do
 	case $1 in
 	-h | --help)
-		echo "usage: $prog [--priority N] [--connections N] [--device /dev/nbdN] HOST:PORT[/EXPORT]"
+		echo "$USAGE"
 		exit 0
 		;;
-	--priority | --connections | --device)
+	--stripe | --mirror)
+		[ "$mode" = single ] || usage "--stripe and --mirror exclude each other"
+		mode=${1#--}
+		shift
+		continue
+		;;
+	--priority | --connections | --device | --md)
 		[ $# -ge 2 ] || usage "$1 needs a value"
 		opt=${1#--} value=$2
 		shift 2
 		;;
-	--priority=* | --connections=* | --device=*)
+	--priority=* | --connections=* | --device=* | --md=*)
 		opt=${1%%=*} opt=${opt#--} value=${1#*=}
 		shift
 		;;
@@ -77,69 +99,61 @@ while [ $# -gt 0 ]; do
 		*) usage "not an NBD device: $value" ;; esac
 		device=$value
 		;;
+	md)
+		case $value in /dev/md*) value=${value#/dev/} ;; esac
+		case $value in md[0-9]*) is_uint "${value#md}" || usage "not an md device: $value" ;;
+		*) usage "not an md device: $value (use /dev/mdN)" ;; esac
+		md=$value
+		;;
 	esac
 done
-[ $# -eq 1 ] || usage "expected one HOST:PORT[/EXPORT]"
+case $mode in
+single) [ $# -eq 1 ] || usage "expected one HOST:PORT[/EXPORT] (several: --stripe or --mirror)" ;;
+stripe)
+	[ $# -ge 2 ] || usage "--stripe needs at least two targets"
+	[ -z "$device" ] || usage "--device is for one target"
+	;;
+mirror)
+	[ $# -eq 2 ] || usage "--mirror needs exactly two targets"
+	[ -z "$device" ] || usage "--device is for one target"
+	;;
+esac
+[ -z "$md" ] || [ "$mode" = mirror ] || usage "--md is for --mirror"
+[ "$mode" != stripe ] || [ -n "$priority" ] || priority=$STRIPE_PRIORITY
 
 # HOST:PORT[/EXPORT], an IPv6 address in brackets: [::1]:10809/swap
-target=$1
-case $target in
-*/*) hostport=${target%%/*} export_name=${target#*/} ;;
-*) hostport=$target export_name= ;;
-esac
-case $hostport in
-\[*\]:*)
-	host=${hostport%%]:*} host=${host#[} port=${hostport##*]:}
-	;;
-*:*)
-	host=${hostport%:*} port=${hostport##*:}
-	case $host in *:*) usage "put an IPv6 address in brackets: [$host]:$port" ;; esac
-	;;
-*) usage "no port in '$target' (HOST:PORT[/EXPORT])" ;;
-esac
-[ -n "$host" ] || usage "no host in '$target'"
-is_uint "$port" && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] || usage "bad port '$port' in '$target'"
-[ ${#export_name} -le 4096 ] || usage "export name longer than 4096 bytes"
-key="$host $port $export_name"
+targets=() hosts=() ports=() exports=() keys=()
+for target in "$@"; do
+	case $target in
+	*/*) hostport=${target%%/*} export_name=${target#*/} ;;
+	*) hostport=$target export_name= ;;
+	esac
+	case $hostport in
+	\[*\]:*)
+		host=${hostport%%]:*} host=${host#[} port=${hostport##*]:}
+		;;
+	*:*)
+		host=${hostport%:*} port=${hostport##*:}
+		case $host in *:*) usage "put an IPv6 address in brackets: [$host]:$port" ;; esac
+		;;
+	*) usage "no port in '$target' (HOST:PORT[/EXPORT])" ;;
+	esac
+	[ -n "$host" ] || usage "no host in '$target'"
+	is_uint "$port" && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] || usage "bad port '$port' in '$target'"
+	[ ${#export_name} -le 4096 ] || usage "export name longer than 4096 bytes"
+	key="$host $port $export_name"
+	for other in "${keys[@]}"; do
+		[ "$other" != "$key" ] || usage "$target is given twice"
+	done
+	targets+=("$target") hosts+=("$host") ports+=("$port") exports+=("$export_name") keys+=("$key")
+done
 
 [ "$(id -u)" = 0 ] || die "must be run as root (it attaches /dev/nbdN and enables swap)"
 command -v nbd-client >/dev/null || die "nbd-client not found (Debian/Ubuntu: apt-get install nbd-client)"
 for tool in mkswap swapon; do
 	command -v "$tool" >/dev/null || die "$tool not found (util-linux)"
 done
-
-# The kernel's NBD client.
-if [ ! -e /sys/block/nbd0 ]; then
-	modprobe nbd 2>/dev/null || die "cannot load the nbd kernel module (modprobe nbd failed)"
-	i=0
-	while [ ! -e /sys/block/nbd0 ] && [ $i -lt 50 ]; do
-		sleep 0.1
-		i=$((i + 1))
-	done
-	[ -e /sys/block/nbd0 ] || die "the nbd module is loaded but there is no /dev/nbd0 (nbds_max=0?)"
-fi
-
-sectors() { cat "/sys/block/$1/size" 2>/dev/null || echo 0; }
-# Attached: a size, or a connection (the kernel shows its pid while connected).
-in_use() { [ "$(sectors "$1")" != 0 ] || [ -e "/sys/block/$1/pid" ]; }
-
-# Serialise attaches (choosing a device and connecting it), when flock exists.
-mkdir -p "$STATE_DIR" || die "cannot create $STATE_DIR"
-if command -v flock >/dev/null; then
-	exec 9>"$STATE_DIR/.lock" || die "cannot open $STATE_DIR/.lock"
-	flock -w 60 9 || die "another attach is still running (lock $STATE_DIR/.lock)"
-fi
-
-# The same export twice would be two swap areas on one disk: refuse.
-for state in "$STATE_DIR"/nbd*; do
-	[ -f "$state" ] || continue
-	name=${state##*/}
-	if ! in_use "$name"; then
-		rm -f "$state" # detached behind our back
-		continue
-	fi
-	[ "$(cat "$state")" = "$key" ] && die "$target is already attached as /dev/$name (busy; detach-swap.sh /dev/$name first)"
-done
+[ "$mode" != mirror ] || command -v mdadm >/dev/null || die "mdadm not found (Debian/Ubuntu: apt-get install mdadm)"
 
 # Ask the server about the export before touching a device: reachable, an
 # NBD server, the export exists, writable, and whether it offers multi-conn.
@@ -224,87 +238,186 @@ nbd_probe() {
 	fi
 }
 
-errf=$(mktemp) || die "cannot create a temporary file"
+# Every server first: nothing is changed unless all of them answer.
 probe_src="$(declare -f nbd_probe); nbd_probe \"\$@\""
-if command -v timeout >/dev/null; then
-	probe=$(timeout "$PROBE_TIMEOUT" bash -c "$probe_src" nbd_probe "$host" "$port" "$export_name" "$errf" 2>/dev/null)
-else
-	probe=$(bash -c "$probe_src" nbd_probe "$host" "$port" "$export_name" "$errf" 2>/dev/null)
-fi
-rm -f "$errf"
-case $probe in
-"ok "*)
-	set -- $probe
-	size=$2 flags=$3
-	[ "$size" -gt 0 ] || die "export '$export_name' on $host:$port is empty"
-	[ $((flags & 2)) = 0 ] || die "export '$export_name' on $host:$port is read-only"
-	if [ "${connections:-1}" -gt 1 ] && [ $((flags & 256)) = 0 ]; then
-		die "export '$export_name' on $host:$port does not offer multi-conn: --connections $connections refused"
+for i in "${!targets[@]}"; do
+	errf=$(mktemp) || die "cannot create a temporary file"
+	host=${hosts[$i]} port=${ports[$i]} export_name=${exports[$i]}
+	if command -v timeout >/dev/null; then
+		probe=$(timeout "$PROBE_TIMEOUT" bash -c "$probe_src" nbd_probe "$host" "$port" "$export_name" "$errf" 2>/dev/null)
+	else
+		probe=$(bash -c "$probe_src" nbd_probe "$host" "$port" "$export_name" "$errf" 2>/dev/null)
 	fi
-	;;
-unknown) ;; # an older server: nbd-client finds out the rest
-"err "*) die "${probe#err }" ;;
-*) die "$host:$port did not complete an NBD handshake within $PROBE_TIMEOUT s (unreachable?)" ;;
-esac
-
-# The device: the one asked for if free, else the first free one.
-if [ -n "$device" ]; then
-	[ -e "/sys/block/$device" ] || die "no such device /dev/$device"
-	in_use "$device" && die "/dev/$device is busy (already attached)"
-else
-	i=0
-	while [ -e "/sys/block/nbd$i" ]; do
-		if ! in_use "nbd$i"; then
-			device=nbd$i
-			break
+	rm -f "$errf"
+	case $probe in
+	"ok "*)
+		set -- $probe
+		size=$2 flags=$3
+		[ "$size" -gt 0 ] || die "export '$export_name' on $host:$port is empty"
+		[ $((flags & 2)) = 0 ] || die "export '$export_name' on $host:$port is read-only"
+		if [ "${connections:-1}" -gt 1 ] && [ $((flags & 256)) = 0 ]; then
+			die "export '$export_name' on $host:$port does not offer multi-conn: --connections $connections refused"
 		fi
+		;;
+	unknown) ;; # an older server: nbd-client finds out the rest
+	"err "*) die "${probe#err }" ;;
+	*) die "$host:$port did not complete an NBD handshake within $PROBE_TIMEOUT s (unreachable?)" ;;
+	esac
+done
+
+# The kernel's NBD client.
+if [ ! -e /sys/block/nbd0 ]; then
+	modprobe nbd 2>/dev/null || die "cannot load the nbd kernel module (modprobe nbd failed)"
+	i=0
+	while [ ! -e /sys/block/nbd0 ] && [ $i -lt 50 ]; do
+		sleep 0.1
 		i=$((i + 1))
 	done
-	[ -n "$device" ] || die "every /dev/nbdN is busy ($i devices; load nbd with a larger nbds_max)"
+	[ -e /sys/block/nbd0 ] || die "the nbd module is loaded but there is no /dev/nbd0 (nbds_max=0?)"
 fi
-dev=/dev/$device
-[ -b "$dev" ] || die "$dev is not a block device node"
 
-detach() {
-	nbd-client -d "$dev" >/dev/null 2>&1
-	rm -f "$STATE_DIR/$device"
-}
+sectors() { cat "/sys/block/$1/size" 2>/dev/null || echo 0; }
+# Attached: a size, or a connection (the kernel shows its pid while connected).
+in_use() { [ "$(sectors "$1")" != 0 ] || [ -e "/sys/block/$1/pid" ]; }
 
-set -- "$host" "$port" "$dev"
-[ -z "$export_name" ] || set -- "$@" -N "$export_name"
-set -- "$@" -b "$BLOCK_SIZE" -swap -persist
-[ -z "$connections" ] || set -- "$@" -C "$connections"
-if ! out=$(nbd-client "$@" 2>&1 </dev/null 9>&-); then
-	why=$(printf '%s\n' "$out" | sed -n '/[^[:space:]]/h; ${x;p}')
-	in_use "$device" && die "$dev is busy: ${why:-nbd-client failed}"
-	die "nbd-client could not attach $target to $dev: ${why:-no message}"
+# Serialise attaches (choosing devices and connecting them), when flock exists.
+mkdir -p "$STATE_DIR" || die "cannot create $STATE_DIR"
+if command -v flock >/dev/null; then
+	exec 9>"$STATE_DIR/.lock" || die "cannot open $STATE_DIR/.lock"
+	flock -w 60 9 || die "another attach is still running (lock $STATE_DIR/.lock)"
 fi
-echo "$key" >"$STATE_DIR/$device"
 
-i=0
-while [ "$(sectors "$device")" = 0 ] && [ $i -lt 100 ]; do
-	sleep 0.1
-	i=$((i + 1))
+# The same export twice would be two swap areas on one disk: refuse.
+for state in "$STATE_DIR"/nbd*; do
+	[ -f "$state" ] || continue
+	name=${state##*/}
+	if ! in_use "$name"; then
+		rm -f "$state" # detached behind our back
+		continue
+	fi
+	for i in "${!keys[@]}"; do
+		[ "$(cat "$state")" = "${keys[$i]}" ] && die "${targets[$i]} is already attached as /dev/$name (busy; detach-swap.sh first)"
+	done
 done
-[ "$(sectors "$device")" != 0 ] || {
-	detach
-	die "$dev did not come up after nbd-client"
+
+if [ "$mode" = mirror ]; then
+	if [ -n "$md" ]; then
+		[ ! -e "/sys/block/$md/md" ] || [ "$(cat "/sys/block/$md/md/array_state" 2>/dev/null)" = clear ] ||
+			die "/dev/$md is busy (an md array)"
+	else
+		i=0
+		while [ -e "/sys/block/md$i/md" ] && [ "$(cat "/sys/block/md$i/md/array_state" 2>/dev/null)" != clear ]; do
+			i=$((i + 1))
+		done
+		md=md$i
+	fi
+fi
+
+attached=() # devices connected by this run, undone on failure
+undo() {
+	if [ -n "$md" ] && [ -e "/sys/block/$md/md" ]; then
+		swapoff "/dev/$md" >/dev/null 2>&1
+		mdadm --stop "/dev/$md" >/dev/null 2>&1
+		rm -f "$STATE_DIR/$md"
+	fi
+	for name in "${attached[@]}"; do
+		swapoff "/dev/$name" >/dev/null 2>&1
+		nbd-client -d "/dev/$name" >/dev/null 2>&1
+		rm -f "$STATE_DIR/$name"
+	done
+}
+fail() {
+	undo
+	die "$@"
+}
+last_line() { printf '%s\n' "$1" | sed -n '/[^[:space:]]/h; ${x;p}'; }
+
+# Connect target $1 (an index) to a free device; sets $dev.
+connect() {
+	local i=$1 name=$device
+	if [ -n "$name" ]; then
+		[ -e "/sys/block/$name" ] || fail "no such device /dev/$name"
+		in_use "$name" && fail "/dev/$name is busy (already attached)"
+	else
+		local n=0
+		while [ -e "/sys/block/nbd$n" ]; do
+			if ! in_use "nbd$n"; then
+				name=nbd$n
+				break
+			fi
+			n=$((n + 1))
+		done
+		[ -n "$name" ] || fail "every /dev/nbdN is busy ($n devices; load nbd with a larger nbds_max)"
+	fi
+	dev=/dev/$name
+	[ -b "$dev" ] || fail "$dev is not a block device node"
+	set -- "${hosts[$i]}" "${ports[$i]}" "$dev"
+	[ -z "${exports[$i]}" ] || set -- "$@" -N "${exports[$i]}"
+	set -- "$@" -b "$BLOCK_SIZE" -swap
+	if [ "$mode" = mirror ]; then
+		set -- "$@" -timeout "$MIRROR_TIMEOUT"
+	else
+		set -- "$@" -persist
+	fi
+	[ -z "$connections" ] || set -- "$@" -C "$connections"
+	local out why
+	if ! out=$(nbd-client "$@" 2>&1 </dev/null 9>&-); then
+		why=$(last_line "$out")
+		in_use "$name" && fail "$dev is busy: ${why:-nbd-client failed}"
+		fail "nbd-client could not attach ${targets[$i]} to $dev: ${why:-no message}"
+	fi
+	attached+=("$name")
+	echo "${keys[$i]}" >"$STATE_DIR/$name"
+	local n=0
+	while [ "$(sectors "$name")" = 0 ] && [ $n -lt 100 ]; do
+		sleep 0.1
+		n=$((n + 1))
+	done
+	[ "$(sectors "$name")" != 0 ] || fail "$dev did not come up after nbd-client"
+	# The kernel discards freed swap clusters only on non-rotational devices.
+	local rotational=/sys/block/$name/queue/rotational
+	if [ -w "$rotational" ]; then
+		echo 0 2>/dev/null >"$rotational" || true
+	fi
 }
 
-# The kernel discards freed swap clusters only on non-rotational devices.
-rotational=/sys/block/$device/queue/rotational
-if [ -w "$rotational" ]; then
-	echo 0 2>/dev/null >"$rotational" || true
-fi
+# mkswap and swapon --discard=pages [-p N] on $1.
+enable_swap() {
+	local out
+	out=$(mkswap "$1" 2>&1) || fail "mkswap $1 failed: $(last_line "$out")"
+	set -- --discard=pages "$1"
+	[ -z "$priority" ] || set -- -p "$priority" "$@"
+	out=$(swapon "$@" 2>&1) || fail "swapon ${*: -1} failed: $(last_line "$out")"
+}
 
-if ! out=$(mkswap "$dev" 2>&1); then
-	detach
-	die "mkswap $dev failed: $(printf '%s\n' "$out" | sed -n '/[^[:space:]]/h; ${x;p}')"
-fi
-set -- --discard=pages
-[ -z "$priority" ] || set -- "$@" -p "$priority"
-if ! out=$(swapon "$@" "$dev" 2>&1); then
-	detach
-	die "swapon $dev failed: $(printf '%s\n' "$out" | sed -n '/[^[:space:]]/h; ${x;p}')"
-fi
-echo "$dev"
+for i in "${!targets[@]}"; do
+	connect "$i"
+done
+
+case $mode in
+single | stripe)
+	for name in "${attached[@]}"; do
+		enable_swap "/dev/$name"
+	done
+	for name in "${attached[@]}"; do
+		echo "/dev/$name"
+	done
+	;;
+mirror)
+	mkdir -p /run/mdadm
+	# --assume-clean: swap never reads a page it has not written first, so
+	# the members need no initial sync.
+	if ! out=$(mdadm --create "/dev/$md" --level=1 --raid-devices=2 --metadata=1.2 \
+		--run --assume-clean "/dev/${attached[0]}" "/dev/${attached[1]}" 2>&1 </dev/null); then
+		fail "mdadm --create /dev/$md failed: $(last_line "$out")"
+	fi
+	echo "mirror ${attached[*]}" >"$STATE_DIR/$md"
+	i=0
+	while [ "$(sectors "$md")" = 0 ] && [ $i -lt 100 ]; do
+		sleep 0.1
+		i=$((i + 1))
+	done
+	enable_swap "/dev/$md"
+	echo "/dev/$md"
+	;;
+esac

@@ -29,6 +29,8 @@ check debootstrap debootstrap
 # TLS tests make their certificates with openssl; the keepalive test reads ss.
 check openssl openssl
 check ss iproute2
+# The lab's namespace tests (deploy/lab) create namespaces and veth links.
+check ip iproute2
 # The guest's memory hog is linked statically.
 dpkg -s libc6-dev >/dev/null 2>&1 || need+=(libc6-dev)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx swapon || need+=(busybox-static)

@@ -5,13 +5,16 @@
     python -m vm run --server nbdcache --memory 128M --hog-mib 256 --discard pages \
         -- --ram 32M --backing /tmp/swap.img
     python -m vm run --server nbdkit --disk nbd --hog-mib 96
+    python -m vm run --servers 2 --layout mirror --size 384M --hog-mib 192 -- --ram 32M
 
-Arguments after `--` go to the server (`nbdcache serve` or `nbdkit`).
+Arguments after `--` go to the server (`nbdcache serve` or `nbdkit`); with
+--servers N each server gets them (a --backing path gets a suffix .N).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -39,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--passes", type=int, default=1)
     run.add_argument("--discard", choices=DISCARD_MODES, default="none")
     run.add_argument("--disk", choices=DISKS, default="virtio")
+    run.add_argument("--servers", type=int, default=1, help="one virtio disk per server")
+    run.add_argument("--layout", choices=("stripe", "mirror"), default="stripe")
     run.add_argument("--metrics", action="store_true", help="nbdcache: --metrics, print stats")
     run.add_argument(
         "--inspect", action="store_true", help="map the export after swapon and after the hog"
@@ -56,17 +61,26 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nbdcache-e2e-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    server: NbdServer
-    if args.server == "nbdcache":
-        server = Nbdcache(args.size, workdir / "server.log", server_args, metrics=args.metrics)
-    else:
-        server = NbdkitMemory(args.size, workdir / "server.log", server_args)
+    servers: list[NbdServer] = []
+    for i in range(args.servers):
+        argv = list(server_args)
+        if args.servers > 1:
+            argv = [
+                f"{a}.{i}" if j and argv[j - 1] == "--backing" else a for j, a in enumerate(argv)
+            ]
+        log = workdir / ("server.log" if args.servers == 1 else f"server{i}.log")
+        if args.server == "nbdcache":
+            servers.append(Nbdcache(args.size, log, argv, metrics=args.metrics))
+        else:
+            servers.append(NbdkitMemory(args.size, log, argv))
+    server = servers[0]
     config = GuestConfig(
         memory=args.memory,
         hog_mib=args.hog_mib,
         passes=args.passes,
         discard=args.discard,
         disk=args.disk,
+        layout="single" if args.servers == 1 else args.layout,
         pause_at=("swapon", "hog-exit") if args.inspect else (),
     )
     inspected: dict[str, float] = {}
@@ -74,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     def on_pause(point: str, _result: object) -> None:
         inspected[f"allocated_at_{point}_mib"] = round(allocated_bytes(server.url) / 2**20, 1)
 
-    with server:
+    with contextlib.ExitStack() as stack:
+        for each in servers:
+            stack.enter_context(each)
         result = run_guest(
             image,
-            server.target,
+            [each.target for each in servers],
             config,
             console_log=workdir / "console.log",
             echo=None if args.quiet else sys.stderr,

@@ -1,4 +1,4 @@
-"""The guest's initramfs: busybox, /init, the memory hog, modules, nbd-client.
+"""The guest's initramfs: busybox, /init, the memory hog, modules, nbd-client, mdadm.
 
 Written as a cpio "newc" archive by this module (so device nodes need no
 root and the archive is reproducible), gzip-compressed, and cached under a
@@ -152,6 +152,18 @@ def nbd_client_files() -> dict[str, Path]:
     return with_libraries("/usr/sbin/nbd-client", binary)
 
 
+def mdadm_files() -> dict[str, Path]:
+    """mdadm (Debian package mdadm, unpacked in the cache, not installed) and its libraries.
+
+    Debian builds it dynamically (libudev, libc); the libraries are taken
+    from the host, where they are part of the base system.
+    """
+    binary = Path("/sbin/mdadm")
+    if not binary.exists():
+        binary = debian.package_tree("mdadm") / "sbin" / "mdadm"
+    return with_libraries("/sbin/mdadm", binary)
+
+
 #: util-linux's swap tools (Debian's essential packages util-linux and mount):
 #: the options users' scripts pass (`swapon --discard=pages -p N`), which
 #: busybox's applets lack. In the guest they come first in PATH.
@@ -218,7 +230,7 @@ def build_guest(extra_files: dict[str, Path] | None = None) -> GuestImage:
     """
     kernel = get_kernel()
     busybox = busybox_binary()
-    host_files = {**nbd_client_files(), **host_tool_files()}
+    host_files = {**nbd_client_files(), **mdadm_files(), **host_tool_files()}
     extra = dict(extra_files or {})
 
     with tempfile.TemporaryDirectory() as tmp:

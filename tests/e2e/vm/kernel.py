@@ -1,8 +1,9 @@
 """The guest kernel: Debian's current `linux-image-*-amd64`, unpacked, never installed.
 
 Only what the guest needs is kept in the cache: `vmlinuz` and the modules
-for the virtio disk, the nbd driver and the virtio NIC, each decompressed and
-in dependency order (from the `depends=` field of each module).
+for the virtio disk, the nbd driver, the virtio NIC and md RAID1, each
+decompressed and in dependency order (from the `depends=` field of each
+module).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from . import debian
 from .modules import ModuleTree, modules_dep
 
 #: Modules the guest loads: the PCI transport and block driver for virtio
-#: disks, the kernel's NBD client, and a virtio NIC for its network.
-ROOT_MODULES = ("virtio_pci", "virtio_blk", "nbd", "virtio_net")
+#: disks, the kernel's NBD client, a virtio NIC for its network, and md with
+#: its RAID1 personality (swap mirrored over two servers).
+ROOT_MODULES = ("virtio_pci", "virtio_blk", "nbd", "virtio_net", "md_mod", "raid1")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,13 @@
-"""Boot the guest under qemu (TCG) against an NBD export and parse its console.
+"""Boot the guest under qemu (TCG) against NBD exports and parse its console.
 
 The guest's /init prints `E2E ...` lines and the hog prints `HOG ...` lines
 on the serial console; each is stamped with the host's monotonic clock as it
 arrives, which gives the boot and run times without trusting the guest clock.
+
+With several targets the guest gets one virtio disk per server and swaps on
+them striped (equal priorities) or mirrored (md RAID1 over two); qemu's
+monitor (HMP on a unix socket) lets a test hotplug one more disk while the
+guest runs.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -24,8 +31,9 @@ from .initramfs import GuestImage
 from .profiles import mib
 
 DISCARD_MODES = ("none", "pages", "once", "both")
-PAUSE_POINTS = ("swapon", "hog-exit")
+PAUSE_POINTS = ("swapon", "hog-exit", "readd")
 DISKS = ("virtio", "nbd", "attach")
+LAYOUTS = ("single", "stripe", "mirror")
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,21 @@ class NbdTarget:
     def qemu_url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"nbd://{host}:{self.port}/{self.export}"
+
+    def drive(self) -> str:
+        """qemu's -drive options for this export as a guest disk.
+
+        discard=unmap: qemu drops the guest's discards without it.
+        werror/rerror=report: an I/O error reaches the guest kernel (and
+        its console) instead of qemu pausing the guest (its default on
+        ENOSPC). qemu's NBD client does not reconnect (reconnect-delay 0):
+        when the server dies, requests fail with EIO at once, which is what
+        lets md fail a mirror member.
+        """
+        return (
+            f"file={self.qemu_url()},format=raw,cache=none,discard=unmap,"
+            "werror=report,rerror=report"
+        )
 
 
 @dataclass(frozen=True)
@@ -54,6 +77,12 @@ class GuestConfig:
     disk: str = "virtio"
     nbd_block_size: int = 4096  # nbd-client -b, for disk="nbd"
     attach_args: tuple[str, ...] = ()  # for disk="attach", before HOST:PORT/EXPORT
+    # disk="virtio" with several targets: "stripe" (one swap area per disk,
+    # equal priority) or "mirror" (md RAID1 over two disks, swap on md0).
+    layout: str = "single"
+    # mirror: after the hog, pause at "readd" while the host hotplugs a fresh
+    # disk (GuestResult.hotplug), which the guest adds to the mirror.
+    readd: bool = False
     # Points where the guest waits while the host looks at the server (see
     # run_guest's on_pause): "swapon" (before the hog), "hog-exit" (swap still on).
     pause_at: tuple[str, ...] = ()
@@ -67,6 +96,10 @@ class GuestConfig:
             raise ValueError(f"discard must be one of {DISCARD_MODES}")
         if self.disk not in DISKS:
             raise ValueError(f"disk must be one of {DISKS}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}")
+        if self.readd and self.layout != "mirror":
+            raise ValueError("readd needs layout='mirror'")
         for point in self.pause_at:
             if point not in PAUSE_POINTS:
                 raise ValueError(f"pause points are {PAUSE_POINTS}")
@@ -89,13 +122,55 @@ def _kv(text: str) -> dict[str, str]:
 @dataclass
 class GuestResult:
     config: GuestConfig
-    target: NbdTarget
+    target: NbdTarget  # the first of targets
     lines: list[ConsoleLine]
     returncode: int | None
     timed_out: bool
     wall_s: float  # qemu start to exit
     console_log: Path | None = None
     qemu_cmd: list[str] = field(default_factory=list)
+    targets: tuple[NbdTarget, ...] = ()
+    monitor: Path | None = None  # qemu's HMP socket while it runs
+    _hotplugged: int = 0
+
+    # -- the running guest ---------------------------------------------------
+
+    def hmp(self, command: str, timeout: float = 30.0) -> str:
+        """Run one command on qemu's human monitor and return its output."""
+        if self.monitor is None:
+            raise RuntimeError("qemu is not running")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.monitor))
+            buf = b""
+            while not buf.endswith(b"(qemu) "):
+                chunk = s.recv(4096)
+                if not chunk:
+                    raise RuntimeError("qemu closed its monitor")
+                buf += chunk
+            s.sendall(command.encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"(qemu) "):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                buf += chunk
+        out = buf.decode(errors="replace").replace("\r", "")
+        # The monitor echoes the command (with terminal escapes), then answers.
+        lines = out.splitlines()[1:]
+        return "\n".join(line for line in lines if not line.startswith("(qemu)")).strip()
+
+    def hotplug(self, target: NbdTarget) -> str:
+        """Add a virtio disk on `target` to the running guest (PCI hotplug)."""
+        n = self._hotplugged
+        self._hotplugged += 1
+        out = self.hmp(f"drive_add 0 if=none,id=hot{n},{target.drive()}")
+        if "OK" not in out:
+            raise RuntimeError(f"drive_add failed: {out}")
+        out2 = self.hmp(f"device_add virtio-blk-pci,drive=hot{n},id=hotdisk{n}")
+        if out2:
+            raise RuntimeError(f"device_add failed: {out2}")
+        return out
 
     # -- parsed views -------------------------------------------------------
 
@@ -184,6 +259,22 @@ class GuestResult:
         ev = self.event("disk")
         return ev[1] if ev else {}
 
+    def md(self, label: str) -> dict[str, str]:
+        """The guest's `E2E md label=...` report (md0's state and its members')."""
+        for _, fields in self.events("md"):
+            if fields.get("label") == label:
+                return fields
+        return {}
+
+    @property
+    def mdstat(self) -> list[str]:
+        """The md0 lines of /proc/mdstat the guest printed, in order."""
+        return [
+            line.text[len("E2E mdstat ") :]
+            for line in self.lines
+            if line.text.startswith("E2E mdstat ")
+        ]
+
     def summary(self) -> dict[str, object]:
         traffic = self.swap_traffic()
         swapon = self.event("swapon")
@@ -235,7 +326,9 @@ def qemu_binary() -> str:
     return path
 
 
-def kernel_append(config: GuestConfig, target: NbdTarget) -> str:
+def kernel_append(config: GuestConfig, targets: Sequence[NbdTarget]) -> str:
+    target = targets[0]
+    disks = len(targets) if config.disk == "virtio" else 1
     args = [
         "console=ttyS0",
         "panic=-1",  # with -no-reboot: a panic ends qemu at once
@@ -247,7 +340,11 @@ def kernel_append(config: GuestConfig, target: NbdTarget) -> str:
         f"e2e.hog_mib={config.hog_mib}",
         f"e2e.passes={config.passes}",
         f"e2e.seed={config.seed}",
+        "e2e.layout=" + config.layout,
+        f"e2e.disks={disks}",
     ]
+    if config.readd:
+        args.append("e2e.readd=1")
     if config.disk in ("nbd", "attach"):
         args += [
             # qemu's user-mode network maps the gateway to the host's loopback.
@@ -259,8 +356,14 @@ def kernel_append(config: GuestConfig, target: NbdTarget) -> str:
             args.append("e2e.nbd_export=" + target.export)
         if config.attach_args:
             args.append("e2e.attach_args=" + ",".join(config.attach_args))
-    if config.pause_at:
-        args.append("e2e.pause=" + ",".join(config.pause_at))
+        if len(targets) > 1:
+            args.append(
+                "e2e.attach_targets="
+                + ",".join(f"10.0.2.2:{t.port}/{t.export}".rstrip("/") for t in targets)
+            )
+    pause = (*config.pause_at, *(("readd",) if config.readd else ()))
+    if pause:
+        args.append("e2e.pause=" + ",".join(pause))
     if config.script:
         args.append("e2e.script=" + config.script)
     args += list(config.append)
@@ -270,7 +373,17 @@ def kernel_append(config: GuestConfig, target: NbdTarget) -> str:
     return " ".join(args)
 
 
-def qemu_command(image: GuestImage, config: GuestConfig, target: NbdTarget) -> list[str]:
+def qemu_command(
+    image: GuestImage,
+    config: GuestConfig,
+    target: NbdTarget | Sequence[NbdTarget],
+    monitor: Path | None = None,
+) -> list[str]:
+    targets = _targets(target)
+    if config.layout == "mirror" and len(targets) != 2:
+        raise ValueError("a mirror is made of 2 targets")
+    if config.layout == "single" and len(targets) != 1 and config.disk != "attach":
+        raise ValueError("several targets need layout='stripe' or 'mirror'")
     cmd = [
         qemu_binary(),
         "-accel",
@@ -286,23 +399,19 @@ def qemu_command(image: GuestImage, config: GuestConfig, target: NbdTarget) -> l
         "-initrd",
         str(image.initrd),
         "-append",
-        kernel_append(config, target),
+        kernel_append(config, targets),
         "-serial",
         "stdio",
     ]
+    if monitor is not None:
+        cmd += ["-monitor", f"unix:{monitor},server=on,wait=off"]
     if config.disk == "virtio":
-        if target.host not in ("127.0.0.1", "::1", "localhost"):
-            raise ValueError("the guest's disk must be on the host's loopback")
-        # discard=unmap: qemu drops the guest's discards without it.
-        # werror/rerror=report: an I/O error reaches the guest kernel (and its
-        # console) instead of qemu pausing the guest (its default on ENOSPC).
-        cmd += [
-            "-drive",
-            f"file={target.qemu_url()},format=raw,if=virtio,cache=none,discard=unmap,"
-            "werror=report,rerror=report",
-        ]
+        for t in targets:
+            if not allowed_host(t.host):
+                raise ValueError(f"the guest's disk must be on the host's loopback, not {t.host}")
+            cmd += ["-drive", f"{t.drive()},if=virtio"]
     else:
-        if target.host not in ("127.0.0.1", "localhost"):
+        if any(t.host not in ("127.0.0.1", "localhost") for t in targets):
             raise ValueError("user-mode networking reaches the server on 127.0.0.1 only")
         cmd += [
             # The guest reaches 10.0.2.2:PORT, which qemu connects to
@@ -316,21 +425,52 @@ def qemu_command(image: GuestImage, config: GuestConfig, target: NbdTarget) -> l
     return cmd
 
 
+#: Hosts a guest disk may be on: the loopback, and the addresses of network
+#: namespaces the lab runner creates (deploy/lab registers them here).
+ALLOWED_NETWORKS: list[str] = ["127.0.0.0/8", "::1/128"]
+
+
+def allowed_host(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(net) for net in ALLOWED_NETWORKS)
+
+
+def _targets(target: NbdTarget | Sequence[NbdTarget]) -> tuple[NbdTarget, ...]:
+    targets = (target,) if isinstance(target, NbdTarget) else tuple(target)
+    if not targets:
+        raise ValueError("no target")
+    return targets
+
+
 def run_guest(
     image: GuestImage,
-    target: NbdTarget,
+    target: NbdTarget | Sequence[NbdTarget],
     config: GuestConfig,
     console_log: Path | None = None,
     on_pause: Callable[[str, GuestResult], None] | None = None,
     echo: IO[str] | None = None,
+    on_line: Callable[[ConsoleLine, GuestResult], None] | None = None,
 ) -> GuestResult:
     """Boot the guest, wait for it to power off, and return what it printed.
 
+    target: one export, or one per disk (config.layout stripe or mirror).
     on_pause: called with (point, result so far) at each of config.pause_at
     while the guest waits; the guest goes on when it returns.
+    on_line: called with each console line as it arrives (and the result so
+    far), from the thread that reads the console: keep it short.
     echo: a stream to copy console lines to as they arrive (progress).
     """
-    cmd = qemu_command(image, config, target)
+    targets = _targets(target)
+    mondir = tempfile.mkdtemp(prefix="nbdcache-qemu-")
+    monitor = Path(mondir) / "monitor.sock"
+    cmd = qemu_command(image, config, targets, monitor)
     lines: list[ConsoleLine] = []
     log = open(console_log, "w") if console_log else None  # noqa: SIM115
     start = time.monotonic()
@@ -344,7 +484,9 @@ def run_guest(
         bufsize=1,
         env={**os.environ, "LC_ALL": "C"},
     )
-    result = GuestResult(config, target, lines, None, False, 0.0, console_log, cmd)
+    result = GuestResult(
+        config, targets[0], lines, None, False, 0.0, console_log, cmd, targets, monitor
+    )
     paused: list[str] = []  # pause points reached and not yet answered
 
     def reader() -> None:
@@ -361,6 +503,8 @@ def run_guest(
                 echo.flush()
             if text.startswith("E2E paused"):
                 paused.append(_kv(text).get("at", "?"))
+            if on_line is not None:
+                on_line(line, result)
 
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
@@ -389,6 +533,8 @@ def run_guest(
                 proc.stdin.close()
         if log:
             log.close()
+        result.monitor = None
+        shutil.rmtree(mondir, ignore_errors=True)
     result.returncode = proc.returncode
     result.wall_s = time.monotonic() - start
     return result

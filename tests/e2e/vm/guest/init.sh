@@ -9,6 +9,16 @@
 #                         image as /usr/local/sbin) sets up, undone with
 #                         detach-swap.sh: the way users attach
 #   e2e.attach_args=A,B   more arguments for attach-swap.sh (commas for spaces)
+#   e2e.layout=single|stripe|mirror   with e2e.disk=virtio: swap on /dev/vda;
+#                         striped over /dev/vda.. (e2e.disks of them, one per
+#                         server, equal priority); or on /dev/md0, an md RAID1
+#                         over /dev/vda and /dev/vdb
+#   e2e.disks=N           the number of virtio disks (stripe, mirror)
+#   e2e.readd=1           mirror: after the hog, wait (pause point "readd")
+#                         while the host hotplugs a fresh disk, add it to the
+#                         mirror in place of the failed member and resync
+#   e2e.attach_targets=T,T   attach: HOST:PORT[/EXPORT] targets for
+#                         attach-swap.sh instead of the one e2e.nbd_* server
 #   e2e.discard=none|pages|once|both   swapon discard policy
 #   e2e.hog_mib=N e2e.passes=P e2e.seed=S   the memory hog's arguments
 #   e2e.nbd_host, e2e.nbd_port, e2e.nbd_export, e2e.nbd_bs   the server, for
@@ -30,6 +40,7 @@ echo "E2E init uptime=$(cut -d' ' -f1 /proc/uptime) release=$(uname -r)"
 
 disk=virtio discard=none hog_mib=64 passes=1 seed=1
 nbd_host=10.0.2.2 nbd_port=10809 nbd_export= nbd_bs=4096 script= pause= attach_args=
+layout=single disks=1 readd=0 attach_targets=
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in
 	e2e.*=*)
@@ -37,7 +48,7 @@ for arg in $(cat /proc/cmdline); do
 		key=${key#e2e.}
 		value=${arg#*=}
 		case "$key" in
-		disk | discard | hog_mib | passes | seed | nbd_host | nbd_port | nbd_export | nbd_bs | script | pause | attach_args)
+		disk | discard | hog_mib | passes | seed | nbd_host | nbd_port | nbd_export | nbd_bs | script | pause | attach_args | layout | disks | readd | attach_targets)
 			eval "$key=\$value" ;;
 		*) echo "E2E warning unknown-parameter=$key" ;;
 		esac
@@ -118,6 +129,18 @@ net_up() {
 	ip addr add 10.0.2.15/24 dev eth0
 }
 
+md_report() {
+	# $1: label. The array's state and each member's, then /proc/mdstat.
+	md=/sys/block/md0/md
+	states=
+	for member in "$md"/dev-*; do
+		[ -e "$member/state" ] || continue
+		states="$states${states:+,}${member##*/dev-}:$(tr ',' '+' <"$member/state")"
+	done
+	echo "E2E md label=$1 array_state=$(cat $md/array_state) degraded=$(cat $md/degraded) sync_action=$(cat $md/sync_action) mismatch_cnt=$(cat $md/mismatch_cnt) members=$states uptime=$(cut -d' ' -f1 /proc/uptime)"
+	sed -n '/^md0/,/^$/p' /proc/mdstat | sed '/^$/d; s/^/E2E mdstat /'
+}
+
 describe_disk() {
 	name=${1#/dev/}
 	echo "E2E disk dev=$1 size_bytes=$(($(cat "/sys/block/$name/size") * 512)) rotational=$(cat "/sys/block/$name/queue/rotational") discard_max_bytes=$(cat "/sys/block/$name/queue/discard_max_bytes") logical_block_size=$(cat "/sys/block/$name/queue/logical_block_size")"
@@ -125,7 +148,12 @@ describe_disk() {
 
 case "$disk" in
 virtio)
-	wait_for /sys/block/vda 300 || fail "no /dev/vda"
+	members=
+	for letter in a b c d e f g h; do
+		[ "$(echo $members | wc -w)" -lt "$disks" ] || break
+		wait_for "/sys/block/vd$letter" 300 || fail "no /dev/vd$letter"
+		members="$members /dev/vd$letter"
+	done
 	dev=/dev/vda
 	;;
 nbd)
@@ -141,14 +169,24 @@ attach)
 	net_up
 	address="$nbd_host:$nbd_port"
 	[ -z "$nbd_export" ] || address="$address/$nbd_export"
-	# shellcheck disable=SC2086  # attach_args is split on purpose
-	set -- $(echo "$attach_args" | tr ',' ' ') "$address"
+	[ -z "$attach_targets" ] || address=$(echo "$attach_targets" | tr ',' ' ')
+	# shellcheck disable=SC2086  # attach_args and address are split on purpose
+	set -- $(echo "$attach_args" | tr ',' ' ') $address
 	echo "E2E attach-swap args=$(echo "$@" | tr ' ' ',')"
 	# Not root: refused, nothing attached.
 	as_nobody attach-swap.sh "$@" >/tmp/out 2>&1
 	echo "E2E attach-nonroot status=$? swaps=$(($(wc -l </proc/swaps) - 1))"
 	sed 's/^/E2E attach-nonroot-output /' /tmp/out
-	attach-swap.sh "$@" || fail "attach-swap.sh exit $?"
+	if [ -n "$attach_targets" ]; then
+		# The first target and one nobody listens on: refused before anything changes.
+		# shellcheck disable=SC2086
+		attach-swap.sh $(echo "$attach_args" | tr ',' ' ') "${attach_targets%%,*}" 10.0.2.2:1/swap >/tmp/out 2>&1
+		echo "E2E attach-unreachable status=$? swaps=$(($(wc -l </proc/swaps) - 1)) nbd_attached=$(cat /sys/block/nbd*/size | grep -cv '^0$')"
+		sed 's/^/E2E attach-unreachable-output /' /tmp/out
+	fi
+	attach-swap.sh "$@" >/tmp/attached || fail "attach-swap.sh exit $?"
+	devs=$(cat /tmp/attached)
+	echo "E2E attached devs=$(echo $devs | tr ' ' ',')"
 	dev=$(awk 'NR == 2 { print $1 }' /proc/swaps)
 	[ -n "$dev" ] || fail "attach-swap.sh enabled no swap"
 	# The device is busy now: a second attach is refused.
@@ -159,25 +197,63 @@ attach)
 *) fail "unknown disk $disk" ;;
 esac
 
+swapon_policy() {
+	# $@: swapon arguments before the device (util-linux's swapon, first in PATH)
+	case "$discard" in
+	none) swapon "$@" ;;
+	pages | once) swapon --discard="$discard" "$@" ;;
+	both) swapon --discard "$@" ;;
+	*) fail "unknown discard $discard" ;;
+	esac
+}
+
 if [ "$disk" = attach ]; then
-	describe_disk "$dev"
+	for dev in $(awk 'NR > 1 { print $1 }' /proc/swaps); do
+		describe_disk "$dev"
+	done
 	echo "E2E swapon dev=$dev discard=by-script uptime=$(cut -d' ' -f1 /proc/uptime)"
+elif [ "$layout" = stripe ]; then
+	# One swap area per server at the same priority: the kernel spreads
+	# pages over them in turn.
+	for member in $members; do
+		echo 0 >"/sys/block/${member#/dev/}/queue/rotational" || fail "rotational"
+		describe_disk "$member"
+		mkswap "$member" >/dev/null || fail "mkswap $member"
+		swapon_policy -p 10 "$member" || fail "swapon $member"
+	done
+	dev=$(echo $members | tr ' ' ',')
+	echo "E2E swapon dev=$dev discard=$discard uptime=$(cut -d' ' -f1 /proc/uptime)"
+elif [ "$layout" = mirror ]; then
+	set -- $members
+	[ $# -eq 2 ] || fail "a mirror needs 2 disks, not $#"
+	for member in "$@"; do
+		echo 0 >"/sys/block/${member#/dev/}/queue/rotational" || fail "rotational"
+		describe_disk "$member"
+	done
+	mkdir -p /run/mdadm
+	# --assume-clean: swap never reads a page it did not write first.
+	mdadm --create /dev/md0 --level=1 --raid-devices=2 --metadata=1.2 --run \
+		--assume-clean "$@" >/tmp/out 2>&1 || {
+		sed 's/^/E2E mdadm /' /tmp/out
+		fail "mdadm --create"
+	}
+	wait_for /sys/block/md0/md 100 || fail "no /dev/md0"
+	dev=/dev/md0
+	md_report created
+	describe_disk "$dev"
+	mkswap "$dev" >/dev/null || fail "mkswap"
+	swapon_policy "$dev" || fail "swapon"
+	echo "E2E swapon dev=$dev discard=$discard uptime=$(cut -d' ' -f1 /proc/uptime)"
 else
 	# virtio-blk reports itself rotational; the kernel then never discards
 	# freed swap.
 	echo 0 >"/sys/block/${dev#/dev/}/queue/rotational" || fail "rotational"
 	describe_disk "$dev"
 	mkswap "$dev" >/dev/null || fail "mkswap"
-	# util-linux's swapon (first in PATH)
-	case "$discard" in
-	none) swapon "$dev" ;;
-	pages | once) swapon --discard="$discard" "$dev" ;;
-	both) swapon --discard "$dev" ;;
-	*) fail "unknown discard $discard" ;;
-	esac || fail "swapon"
+	swapon_policy "$dev" || fail "swapon"
 	echo "E2E swapon dev=$dev discard=$discard uptime=$(cut -d' ' -f1 /proc/uptime)"
 fi
-echo "E2E swaps $(awk 'NR == 2 { printf "dev=%s priority=%s size_kib=%s", $1, $5, $3 }' /proc/swaps)"
+awk 'NR > 1 { printf "E2E swaps dev=%s priority=%s size_kib=%s\n", $1, $5, $3 }' /proc/swaps
 
 pause_point swapon
 
@@ -187,18 +263,60 @@ echo "E2E hog-start mib=$hog_mib passes=$passes uptime=$(cut -d' ' -f1 /proc/upt
 status=$?
 echo "E2E hog-exit status=$status uptime=$(cut -d' ' -f1 /proc/uptime)"
 vmstat after-hog
-echo "E2E swap $(awk 'NR > 1 { printf "used_kib=%s size_kib=%s", $4, $3 }' /proc/swaps)"
+echo "E2E swap $(awk 'NR > 1 { used += $4; size += $3 } END { printf "used_kib=%d size_kib=%d", used, size }' /proc/swaps)"
 pause_point hog-exit
+[ "$layout" != mirror ] || md_report after-hog
+if [ "$layout" = mirror ] && [ "$readd" = 1 ]; then
+	pause_point readd
+	# The host has hotplugged a fresh disk: the first vdX that md does not know.
+	new=
+	i=0
+	while [ -z "$new" ] && [ $i -lt 300 ]; do
+		for path in /sys/block/vd*; do
+			name=${path##*/}
+			[ -e "/sys/block/md0/md/dev-$name" ] || [ "$name" = vda ] || [ "$name" = vdb ] || new=/dev/$name
+		done
+		[ -n "$new" ] || sleep 0.1
+		i=$((i + 1))
+	done
+	[ -n "$new" ] || fail "no hotplugged disk"
+	echo 0 >"/sys/block/${new#/dev/}/queue/rotational"
+	describe_disk "$new"
+	mdadm /dev/md0 --remove failed >/tmp/out 2>&1 || sed 's/^/E2E mdadm /' /tmp/out
+	mdadm /dev/md0 --add "$new" >/tmp/out 2>&1 || {
+		sed 's/^/E2E mdadm /' /tmp/out
+		fail "mdadm --add $new"
+	}
+	md_report readd
+	mdadm --wait /dev/md0 >/dev/null 2>&1
+	md_report resynced
+fi
 
 if [ "$disk" = attach ]; then
-	as_nobody detach-swap.sh "$dev" >/tmp/out 2>&1
+	# shellcheck disable=SC2086  # one device a word
+	as_nobody detach-swap.sh $devs >/tmp/out 2>&1
 	echo "E2E detach-nonroot status=$? swaps=$(($(wc -l </proc/swaps) - 1))"
 	sed 's/^/E2E detach-nonroot-output /' /tmp/out
-	echo "E2E detach-swap dev=$dev"
-	detach-swap.sh "$dev" || fail "detach-swap.sh exit $?"
-	echo "E2E detached swaps=$(($(wc -l </proc/swaps) - 1)) size_bytes=$(($(cat "/sys/block/${dev#/dev/}/size") * 512))"
+	echo "E2E detach-swap devs=$(echo $devs | tr ' ' ',')"
+	# shellcheck disable=SC2086
+	detach-swap.sh $devs || fail "detach-swap.sh exit $?"
+	# Every nbd device released (size 0), no md array left.
+	size=0
+	for path in /sys/block/nbd*; do
+		size=$((size + $(cat "$path/size") * 512))
+	done
+	arrays=$(grep -c '^md' /proc/mdstat 2>/dev/null)
+	echo "E2E detached swaps=$(($(wc -l </proc/swaps) - 1)) size_bytes=$size md_arrays=${arrays:-0}"
+elif [ "$layout" = stripe ]; then
+	for member in $members; do
+		swapoff "$member" || fail "swapoff $member"
+	done
 else
 	swapoff "$dev" || fail "swapoff"
+fi
+if [ "$layout" = mirror ] && [ "$disk" != attach ]; then
+	md_report after-swapoff
+	mdadm --stop /dev/md0 >/dev/null 2>&1 || fail "mdadm --stop"
 fi
 vmstat after-swapoff
 echo "E2E swapoff uptime=$(cut -d' ' -f1 /proc/uptime)"

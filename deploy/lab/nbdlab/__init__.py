@@ -1,0 +1,8 @@
+"""nbdcache's remote-memory lab: N memory servers, a VM swapping on them, figures.
+
+- `netns`: server hosts as network namespaces with veth links (and their removal);
+- `procs`: the servers and proxies the lab starts (and their end);
+- `delay`: a TCP proxy that adds latency to each request's round trip;
+- `lab`: one run (servers + VM + hog) and its row of results;
+- `sweep`: a grid of runs to CSV; `plot`: the CSV to PNG charts.
+"""
