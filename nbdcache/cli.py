@@ -196,11 +196,25 @@ def _reload(server: NBDServer, load: Callable[[], config.Config]) -> None:
     except (config.ConfigError, tls.TLSConfigError) as exc:
         log.error("reload failed, keeping the running settings: %s", exc)
         return
+    # Access lists belong to a TLS mode and to exports: a file that changes
+    # either is refused whole, or an export could lose its rules unnoticed.
     if cfg.server.tls != server.tls_mode:
-        log.warning("reload: changing tls mode needs a restart; keeping %s", server.tls_mode)
-    unknown = {e.name for e in cfg.exports} - set(server.by_name)
-    if unknown:
-        log.warning("reload: new exports need a restart: %s", ", ".join(sorted(unknown)))
+        log.error(
+            "reload refused, keeping the running settings: tls = %s needs a restart "
+            "(running with %s)",
+            cfg.server.tls,
+            server.tls_mode,
+        )
+        return
+    names = {e.name for e in cfg.exports}
+    if names != set(server.by_name):
+        log.error(
+            "reload refused, keeping the running settings: adding or removing exports "
+            "needs a restart (file: %s; running: %s)",
+            ", ".join(sorted(names)),
+            ", ".join(sorted(server.by_name)),
+        )
+        return
     server.reload(ctx, _access(cfg))
     log.info("reloaded certificates and access lists")
 

@@ -416,11 +416,16 @@ class Handshake:
         self.starttls = True
         return option_reply(OPT_STARTTLS, REP_ACK)
 
-    def _refusal(self, export: ExportInfo, *, log: bool = True) -> tuple[int, str] | None:
-        """(error reply, reason) when this client may not use `export`."""
+    def _refusal(
+        self, export: ExportInfo, *, log: bool = True, tls_reqd: bool = True
+    ) -> tuple[int, str] | None:
+        """(error reply, reason) when this client may not use `export`.
+
+        `tls_reqd`: whether the option may be answered NBD_REP_ERR_TLS_REQD
+        (the spec allows it only for INFO, GO and EXPORT_NAME)."""
         if export.tls_only and not self.tls_active:
             # NOTLS mode never sends TLS_REQD (the spec); then it is policy.
-            error = REP_ERR_POLICY if self.tls == TLS_OFF else REP_ERR_TLS_REQD
+            error = REP_ERR_TLS_REQD if self.tls != TLS_OFF and tls_reqd else REP_ERR_POLICY
             return error, f"export {export.name!r} requires TLS"
         reason = self.access(export) if self.access is not None else None
         if reason is None:
@@ -520,7 +525,7 @@ class Handshake:
         export = self.lookup(name)
         if export is None:
             return option_reply(option, REP_ERR_UNKNOWN, _error_text(f"no export named {name!r}"))
-        refusal = self._refusal(export)
+        refusal = self._refusal(export, tls_reqd=False)
         if refusal is not None:
             return option_reply(option, refusal[0], _error_text(refusal[1]))
         if option == OPT_LIST_META_CONTEXT:
@@ -582,7 +587,9 @@ class RequestParser:
     def __init__(self) -> None:
         self._skip = 0
 
-    def parse(self, buf: bytearray, budget: int = MAX_PAYLOAD) -> tuple[list[Request], int]:
+    def parse(
+        self, buf: bytearray, budget: int = MAX_PAYLOAD, max_requests: int = 1 << 30
+    ) -> tuple[list[Request], int]:
         requests: list[Request] = []
         pos = 0
         end = len(buf)
@@ -594,7 +601,7 @@ class RequestParser:
         view = memoryview(buf)
         unpack = REQUEST.unpack_from
         hsize = REQUEST.size
-        while end - pos >= hsize and budget > 0:
+        while end - pos >= hsize and budget > 0 and len(requests) < max_requests:
             magic, flags, type_, cookie, offset, length = unpack(buf, pos)
             if magic != REQUEST_MAGIC:
                 view.release()

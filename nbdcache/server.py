@@ -112,6 +112,7 @@ class NBDServer:
         self._listeners.append(srv)
 
     def _set_access(self, access: Mapping[str, tls.AccessList]) -> None:
+        # (A reload always names every export: see cli._reload.)
         self.access = {name: access.get(name, tls.ALLOW_ALL) for name in self.by_name}
         # An export that names certificates is TLS-only (SELECTIVETLS).
         self.export_infos = [
@@ -188,6 +189,7 @@ class Connection(asyncio.Protocol):
         self.admitted = False
         self.timer: asyncio.TimerHandle | None = None
         self.tls_task: asyncio.Task[None] | None = None
+        self.tls_early = bytearray()
         self.seen = False  # data arrived since the last idle check
         self.handshake: p.Handshake | None = None
         self.neg: p.Negotiated | None = None
@@ -264,6 +266,11 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         self.seen = True
+        if self.tls_task is not None:
+            # Decrypted bytes that arrive before the upgrade is recorded are
+            # the first TLS-era options: they wait for `tls_started`.
+            self.tls_early += data
+            return
         try:
             if self.neg is None:
                 self._handshake(data)
@@ -377,6 +384,9 @@ class Connection(asyncio.Protocol):
         self.identity = tls.Peer.from_cert(self.identity.address, new.get_extra_info("peercert"))
         hs.tls_started()
         log.info("%s: TLS started (%s)", self.peer, self.identity.describe())
+        if self.tls_early:
+            early, self.tls_early = bytes(self.tls_early), bytearray()
+            self.data_received(early)
 
     def recheck_access(self) -> None:
         """After a reload: close this connection if its export now refuses it."""
@@ -391,6 +401,10 @@ class Connection(asyncio.Protocol):
                 refusal,
                 self.identity.describe(),
             )
+            # No further request is read; those in flight are answered.
+            self.draining = True
+            if self.transport is not None:
+                self.transport.pause_reading()
             self.abort_when_idle("access revoked")
 
     def _schedule_idle_check(self) -> None:
@@ -422,7 +436,9 @@ class Connection(asyncio.Protocol):
                 transport.pause_reading()
                 return
             budget = self.server.max_inflight_bytes - self.inflight_bytes
-            requests, consumed = self.parser.parse(self.buf, budget)
+            requests, consumed = self.parser.parse(
+                self.buf, budget, self.server.max_inflight_requests - self.inflight
+            )
             if not consumed:
                 return
             out: list[bytes | memoryview] = []

@@ -83,15 +83,31 @@ class Peer:
         """`cert` is `SSLObject.getpeercert()`: empty or None without a verified one."""
         if not cert:
             return cls(address)
-        rdns = [pair for rdn in cert.get("subject", ()) for pair in rdn]
-        subject = ",".join(f"{_SHORT.get(k, k)}={v}" for k, v in rdns)
-        names = {v for k, v in rdns if k == "commonName"}
+        rdns = cert.get("subject", ())
+        # RFC 4514 escaping, "+" inside a multi-valued RDN: no value can
+        # pose as more attributes ("CN=O=acme,CN=admin" stays one CN).
+        subject = ",".join(
+            "+".join(f"{_SHORT.get(k, k)}={_escape(v)}" for k, v in rdn) for rdn in rdns
+        )
+        cns = [v for rdn in rdns for k, v in rdn if k == "commonName"]
+        # A certificate with several CNs names nobody in particular.
+        names = set(cns) if len(cns) == 1 else set()
         names |= {v for k, v in cert.get("subjectAltName", ()) if k == "DNS"}
         return cls(address, subject, frozenset(names))
 
     def describe(self) -> str:
         who = str(self.address) if self.address is not None else "unix socket"
         return f"{who}, certificate {self.subject!r}" if self.subject else f"{who}, no certificate"
+
+
+def _escape(value: str) -> str:
+    """An attribute value as RFC 4514 writes it in a distinguished name."""
+    out = "".join("\\" + c if c in ',+"\\<>;=' else c for c in value)
+    if out[:1] in ("#", " "):
+        out = "\\" + out
+    if out.endswith(" ") and len(out) > 1:
+        out = out[:-1] + "\\ "
+    return out
 
 
 _SHORT = {
@@ -126,7 +142,9 @@ class AccessList:
         if self.names:
             if not peer.subject:
                 return "a verified client certificate is required"
-            if not (peer.names | {peer.subject}) & self.names:
+            # An entry with "=" is a whole subject; any other is a name (the
+            # CN or a DNS SAN), so no CN can pose as a subject.
+            if not any((n == peer.subject) if "=" in n else (n in peer.names) for n in self.names):
                 return f"certificate {peer.subject!r} is not allowed"
         return None
 

@@ -103,3 +103,25 @@ def test_a_bad_file_on_sighup_keeps_the_running_settings(
     run(["nbdinfo", server.uri("e")])
     if not server.alive():
         pytest.fail("server exited after a bad reload")
+
+
+def test_a_reload_that_drops_an_export_is_refused_whole(
+    start_server: StartServer, run: Run
+) -> None:
+    # Were it applied, the dropped export would lose its access list (and
+    # be open to every address) until a restart.
+    server = start_server(
+        exports=[
+            {"name": "open", "size": "8M"},
+            {"name": "guarded", "size": "8M", "allowed_networks": ["192.0.2.0/24"]},
+        ]
+    )
+    config_file = Path(server.argv[server.argv.index("--config") + 1])
+    text = config_file.read_text()
+    config_file.write_text(text[: text.index('name = "guarded"')].rsplit("[[exports]]", 1)[0])
+    assert "guarded" not in config_file.read_text()
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for_log(server, "reload refused, keeping the running settings")
+    refused = run(["nbdinfo", server.uri("guarded")], check=False)
+    assert refused.returncode != 0  # still guarded: 127.0.0.1 is not allowed
+    run(["nbdinfo", server.uri("open")])

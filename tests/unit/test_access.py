@@ -50,3 +50,23 @@ def test_networks_match_v4_v6_and_mapped_addresses() -> None:
 def test_empty_list_allows_everyone() -> None:
     assert tls.ALLOW_ALL.refusal(peer("192.0.2.1", None)) is None
     assert not tls.ALLOW_ALL.needs_certificate
+
+
+def test_a_certificate_cannot_pose_as_another_subject() -> None:
+    acl = tls.AccessList.build(["O=acme,CN=admin"], [])
+    legit = {"subject": ((("organizationName", "acme"),), (("commonName", "admin"),))}
+    assert acl.refusal(peer("10.0.0.1", legit)) is None
+    forged = [
+        {"subject": ((("commonName", "O=acme,CN=admin"),),)},  # one CN, separators in it
+        {"subject": ((("organizationName", "acme,CN=admin"),),)},
+        {"subject": ((("organizationName", "acme"), ("commonName", "admin")),)},  # one RDN
+    ]
+    for cert in forged:
+        assert "is not allowed" in (acl.refusal(peer("10.0.0.1", cert)) or "")
+
+
+def test_a_certificate_with_two_cns_matches_neither() -> None:
+    cert = {"subject": ((("commonName", "mallory"),), (("commonName", "alice"),))}
+    assert "is not allowed" in (
+        tls.AccessList.build(["alice"], []).refusal(peer("10.0.0.1", cert)) or ""
+    )

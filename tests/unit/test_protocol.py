@@ -223,6 +223,13 @@ def test_parser_returns_complete_requests_and_keeps_partial_ones() -> None:
     assert used == 32
 
 
+def test_parser_stops_at_the_request_budget() -> None:
+    # Requests without data cost no bytes: the count alone bounds a batch.
+    buf = bytearray(request(p.CMD_FLUSH) * 100)
+    reqs, used = p.RequestParser().parse(buf, max_requests=4)
+    assert len(reqs) == 4 and used == 4 * 28
+
+
 def test_parser_skips_oversized_write_payload_without_buffering() -> None:
     parser = p.RequestParser()
     buf = bytearray(request(p.CMD_WRITE, 0, p.MAX_PAYLOAD + 1) + bytes(1000))
@@ -458,6 +465,17 @@ def test_tls_only_export_needs_tls_in_selective_mode() -> None:
     hs.tls_started()
     hs.receive_data(opt(p.OPT_GO, go_data("secret")))
     assert hs.result is not None and hs.result.export.name == "secret"
+
+
+def test_meta_context_options_never_answer_tls_reqd() -> None:
+    # The spec allows NBD_REP_ERR_TLS_REQD only for INFO, GO and EXPORT_NAME.
+    exports = [EXPORTS[0], p.ExportInfo("secret", 8192, p.FLAG_HAS_FLAGS, tls_only=True)]
+    hs = p.Handshake(exports, tls=p.TLS_ON)
+    hs.receive_data(struct.pack(">I", 3))
+    hs.receive_data(opt(p.OPT_STRUCTURED_REPLY))
+    for option in (p.OPT_LIST_META_CONTEXT, p.OPT_SET_META_CONTEXT):
+        data = meta_data("secret", "base:allocation")
+        assert replies(hs.receive_data(opt(option, data)))[0][1] == p.REP_ERR_POLICY
 
 
 def test_access_refusal_is_policy_and_recorded() -> None:
