@@ -142,7 +142,7 @@ for target in "$@"; do
 	is_uint "$port" && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] || usage "bad port '$port' in '$target'"
 	[ ${#export_name} -le 4096 ] || usage "export name longer than 4096 bytes"
 	key="$host $port $export_name"
-	for other in "${keys[@]}"; do
+	for other in ${keys[@]+"${keys[@]}"}; do
 		[ "$other" != "$key" ] || usage "$target is given twice"
 	done
 	targets+=("$target") hosts+=("$host") ports+=("$port") exports+=("$export_name") keys+=("$key")
@@ -313,23 +313,39 @@ if [ "$mode" = mirror ]; then
 	fi
 fi
 
-attached=() # devices connected by this run, undone on failure
+attached=()   # devices connected by this run, undone on failure
+md_created="" # set once this run created the md array
+swapping() { grep -q "^$1[[:space:]]" /proc/swaps; }
+# Undo in reverse, and never disconnect a device that may still hold swapped
+# pages: if swapoff or mdadm --stop fails, leave it and say so.
 undo() {
-	if [ -n "$md" ] && [ -e "/sys/block/$md/md" ]; then
-		swapoff "/dev/$md" >/dev/null 2>&1
-		mdadm --stop "/dev/$md" >/dev/null 2>&1
-		rm -f "$STATE_DIR/$md"
+	local name left=""
+	if [ -n "$md_created" ] && [ -e "/sys/block/$md/md" ]; then
+		if { ! swapping "/dev/$md" || swapoff "/dev/$md"; } &&
+			mdadm --stop "/dev/$md" >/dev/null 2>&1; then
+			rm -f "$STATE_DIR/$md"
+		else
+			left="/dev/$md and its members"
+		fi
 	fi
-	for name in "${attached[@]}"; do
-		swapoff "/dev/$name" >/dev/null 2>&1
-		nbd-client -d "/dev/$name" >/dev/null 2>&1
-		rm -f "$STATE_DIR/$name"
-	done
+	if [ -z "$left" ]; then
+		for name in ${attached[@]+"${attached[@]}"}; do
+			if swapping "/dev/$name" && ! swapoff "/dev/$name"; then
+				left="$left /dev/$name"
+				continue
+			fi
+			nbd-client -d "/dev/$name" >/dev/null 2>&1
+			rm -f "$STATE_DIR/$name"
+		done
+	fi
+	[ -z "$left" ] || echo "attach-swap.sh: left in place (still in use):$left; detach-swap.sh later" >&2
 }
 fail() {
+	trap - INT TERM HUP
 	undo
 	die "$@"
 }
+trap 'fail "interrupted"' INT TERM HUP
 last_line() { printf '%s\n' "$1" | sed -n '/[^[:space:]]/h; ${x;p}'; }
 
 # Connect target $1 (an index) to a free device; sets $dev.
@@ -411,6 +427,7 @@ mirror)
 		--run --assume-clean "/dev/${attached[0]}" "/dev/${attached[1]}" 2>&1 </dev/null); then
 		fail "mdadm --create /dev/$md failed: $(last_line "$out")"
 	fi
+	md_created=1
 	echo "mirror ${attached[*]}" >"$STATE_DIR/$md"
 	i=0
 	while [ "$(sectors "$md")" = 0 ] && [ $i -lt 100 ]; do
@@ -421,3 +438,4 @@ mirror)
 	echo "/dev/$md"
 	;;
 esac
+trap - INT TERM HUP

@@ -88,11 +88,21 @@ for name in "${names[@]}"; do
 		[ -f "$state" ] || die "/dev/$name is not a mirror set up by attach-swap.sh: left alone"
 		read -r kind members <"$state"
 		[ "$kind" = mirror ] || die "$state: not a mirror record"
+		# The record must describe the array as it is now: never stop or
+		# disconnect devices that belong to something else.
+		if [ -e "/sys/block/$name/md" ]; then
+			for member in $members; do
+				[ -e "/sys/block/$name/md/dev-$member" ] ||
+					die "$state names $member, which is not in /dev/$name: left alone"
+			done
+		fi
 		swap_off "$name"
 		if [ -e "/sys/block/$name/md" ]; then
 			out=$(mdadm --stop "/dev/$name" 2>&1) || die "mdadm --stop /dev/$name failed: $(last_line "$out")"
 		fi
 		for member in $members; do
+			# No stale superblock may assemble the old array at the next attach.
+			mdadm --zero-superblock "/dev/$member" >/dev/null 2>&1 || true
 			disconnect "$member"
 		done
 		rm -f "$state"

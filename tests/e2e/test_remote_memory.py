@@ -123,6 +123,9 @@ def test_mirror_survives_a_killed_server_and_resyncs_a_fresh_one(
         # both members. From here on it reads them back.
         if line.text.startswith("HOG phase=fill") and not killed:
             assert victim.proc is not None
+            # What the victim holds now: a mirror that had dropped it already
+            # would have stopped writing to it.
+            killed["victim_bytes"] = allocated_bytes(victim.url)
             victim.proc.send_signal(signal.SIGKILL)
             killed["t"] = line.t
             killed["pswpout"] = int(line.text.split("pswpout=")[1].split()[0])
@@ -161,6 +164,8 @@ def test_mirror_survives_a_killed_server_and_resyncs_a_fresh_one(
     # Killed once the hog's excess over the guest's RAM was out in swap.
     excess_pages = (config.hog_mib - config.memory_mib) * MiB // PAGE
     assert killed["pswpout"] >= excess_pages, killed
+    # Both members took the swap writes until then.
+    assert killed["victim_bytes"] >= excess_pages * PAGE // 2, killed
     # Every page verified, read back from the surviving member.
     assert_verified(result, config)
     # md failed the dead member and ran degraded.

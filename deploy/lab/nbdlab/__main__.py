@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)  # the terminal went away
     remotes = [Remote.parse(r) for r in args.remote]
     base = RunSpec(
         size=args.size,

@@ -14,6 +14,7 @@ and the swap traffic in that time (pswpin + pswpout from /proc/vmstat).
 from __future__ import annotations
 
 import ipaddress
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -99,12 +100,22 @@ class Lab:
         try:
             self._start()
         except BaseException:
-            self._stack.close()
+            self._teardown()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stack.close()
+        self._teardown()
+
+    def _teardown(self) -> None:
+        """Remove everything; a second Ctrl-C must not cut the removal short."""
+        stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        old = {s: signal.signal(s, signal.SIG_IGN) for s in stops}
+        try:
+            self._stack.close()
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
 
     def _start(self) -> None:
         spec = self.spec

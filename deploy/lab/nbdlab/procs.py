@@ -15,6 +15,7 @@ the veth link. Each server may sit behind a delay proxy on 127.0.0.1.
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import signal
 import socket
@@ -90,6 +91,12 @@ def proxy_argv(listen_port: int, host: str, port: int, delay_ms: float) -> list[
     ]  # fmt: skip
 
 
+def die_with_parent() -> None:
+    """In a child before exec: SIGKILL when the lab dies, however it dies
+    (PR_SET_PDEATHSIG), so no server, proxy or qemu outlives it."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 @dataclass
 class Processes:
     """Processes started by the lab; a context manager that ends them all."""
@@ -107,6 +114,7 @@ class Processes:
                 stderr=subprocess.STDOUT,
                 cwd=Path(__file__).resolve().parent.parent,  # nbdlab importable
                 start_new_session=True,  # a Ctrl-C reaches the lab, which ends them
+                preexec_fn=die_with_parent,  # and a lab killed outright ends them too
             )
         self.procs.append(proc)
         return proc

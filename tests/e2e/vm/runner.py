@@ -13,10 +13,12 @@ guest runs.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -449,6 +451,11 @@ def _targets(target: NbdTarget | Sequence[NbdTarget]) -> tuple[NbdTarget, ...]:
     return targets
 
 
+def _die_with_parent() -> None:
+    """In qemu before exec: SIGKILL when its parent dies (PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
 def run_guest(
     image: GuestImage,
     target: NbdTarget | Sequence[NbdTarget],
@@ -483,6 +490,7 @@ def run_guest(
         errors="replace",
         bufsize=1,
         env={**os.environ, "LC_ALL": "C"},
+        preexec_fn=_die_with_parent,
     )
     result = GuestResult(
         config, targets[0], lines, None, False, 0.0, console_log, cmd, targets, monitor
