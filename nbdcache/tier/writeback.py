@@ -80,7 +80,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeVar
 
 from nbdcache.backing import BackingImage
 from nbdcache.tier import (
@@ -149,6 +149,21 @@ class _Waiter:
 
 #: Write-through pages of one event-loop turn, with the futures of their writes.
 _Turn = list[tuple[int, "asyncio.Future[None]"]]
+
+
+_T = TypeVar("_T")
+
+
+def _page_runs(turn: list[tuple[int, _T]]) -> Iterator[list[tuple[int, _T]]]:
+    """Runs of adjacent page numbers in `turn` (sorted by page), at most
+    `_MAX_RUN` long: one image I/O each."""
+    i = 0
+    while i < len(turn):
+        j = i + 1
+        while j < len(turn) and j - i < _MAX_RUN and turn[j][0] == turn[j - 1][0] + 1:
+            j += 1
+        yield turn[i:j]
+        i = j
 
 
 def _split_fill(run: list[tuple[int, asyncio.Future[bytes]]], io: asyncio.Future[bytes]) -> None:
@@ -440,16 +455,10 @@ class WritebackStore:
                         expiry.cancel()  # (retried pages keep their deadline)
                     turn_io.set_result(None)
 
-        i = 0
-        while i < len(turn):
-            j = i + 1
-            while j < len(turn) and j - i < _MAX_RUN and turn[j][0] == turn[j - 1][0] + 1:
-                j += 1
-            run = turn[i:j]
+        for run in _page_runs(turn):
             data = [self.through[pgno] for pgno, _ in run]
             io = self.image.submit(self.image.write, run[0][0] << PAGE_SHIFT, data)
             io.add_done_callback(functools.partial(done, run))
-            i = j
 
     def _through_expired(self, turn: _Turn) -> None:
         for pgno, fut in turn:
@@ -759,15 +768,9 @@ class WritebackStore:
     def _issue_fills(self) -> None:
         turn = sorted(self._fill_turn, key=lambda t: t[0])
         self._fill_turn = []
-        i = 0
-        while i < len(turn):
-            j = i + 1
-            while j < len(turn) and j - i < _MAX_RUN and turn[j][0] == turn[j - 1][0] + 1:
-                j += 1
-            run = turn[i:j]
+        for run in _page_runs(turn):
             io = self.image.submit(self.image.read, run[0][0] << PAGE_SHIFT, len(run) << PAGE_SHIFT)
             io.add_done_callback(functools.partial(_split_fill, run))
-            i = j
 
     def _filled(self, pgno: int, fut: asyncio.Future[bytes]) -> None:
         self.reads.pop(pgno, None)
