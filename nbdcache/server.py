@@ -567,10 +567,11 @@ class Connection(asyncio.Protocol):
         """Reply to a request the store finished later (out of order)."""
         self.inflight -= 1
         self.inflight_bytes -= req.length
+        # Retrieved even when nobody is left to tell: else asyncio logs it.
+        exc = StoreError("request cancelled") if fut.cancelled() else fut.exception()
         if self.closing or self.transport is None:
             return
         out: list[bytes | memoryview] = []
-        exc = StoreError("request cancelled") if fut.cancelled() else fut.exception()
         if exc is not None:
             self._failed(req, exc, out)
         else:
