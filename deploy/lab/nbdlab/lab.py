@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ipaddress
 import signal
-import sys
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -23,15 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from vm import runner
+from vm.initramfs import GuestImage, build_guest
+from vm.runner import GuestConfig, GuestResult, NbdTarget, run_guest
+
 from .netns import LAB_NETWORK, Namespaces
 from .procs import NBD_PORT, Processes, free_port, proxy_argv, server_argv, wait_listening
-
-REPO = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(REPO / "tests" / "e2e"))
-
-from vm import runner  # noqa: E402
-from vm.initramfs import GuestImage, build_guest  # noqa: E402
-from vm.runner import GuestConfig, GuestResult, NbdTarget, run_guest  # noqa: E402
 
 PAGE = 4096
 MiB = 1 << 20

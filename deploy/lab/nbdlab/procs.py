@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vm.servers import nbdcache_binary
+
 KINDS = ("nbdcache", "nbdkit")
 NBD_PORT = 10809
 
@@ -48,16 +50,6 @@ def wait_listening(host: str, port: int, proc: subprocess.Popen[bytes], timeout:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"nothing listens on {host}:{port} after {timeout}s") from None
             time.sleep(0.05)
-
-
-def nbdcache_binary() -> str:
-    candidate = Path(sys.executable).with_name("nbdcache")
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("nbdcache")
-    if found is None:
-        raise RuntimeError("nbdcache is not installed (pip install -e .)")
-    return found
 
 
 def server_argv(kind: str, address: str, port: int, size: str, tier: str, image: Path) -> list[str]:
