@@ -12,7 +12,9 @@ A store answers from RAM at once; when it needs the disk (a page only in the
 backing image, room that writeback must make first) it returns an asyncio
 future instead, and so does the device method: the server then replies when
 the future is done.  Pages are handed to the store in ascending order, one
-request at a time, so a store that queues keeps the client's order.
+request at a time, so a store that queues keeps the client's order.  Runs
+of whole pages go to the store in one call (`store_run`, `load_run`), so the
+tier's C loops see a whole request at once.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ _MASK = PAGE_SIZE - 1
 #: At most this many extents in one block status reply (the spec's SHOULD).
 MAX_EXTENTS = 1 << 20
 
-Buffers = list[bytes | memoryview]
+Buffers = list[bytes | bytearray | memoryview]
 Extents = list[tuple[int, int]]
 Outcome = Buffers | Extents | None | asyncio.Future[Any]
 
@@ -52,10 +54,20 @@ class Device:
         """The bytes of [offset, offset+length) as a list of buffers."""
         if length == 0:
             return []
-        load = self.store.load
+        store = self.store
         first = offset >> PAGE_SHIFT
-        last = (offset + length - 1) >> PAGE_SHIFT
-        pages = [load(p) for p in range(first, last + 1)]
+        count = ((offset + length - 1) >> PAGE_SHIFT) - first + 1
+        run, done = store.load_run(first, count)
+        if done == count:
+            assert run is not None
+            head = offset & _MASK
+            return [run if length == len(run) else memoryview(run)[head : head + length]]
+        pages: list[object] = []
+        if run is not None:
+            view = memoryview(run)
+            pages = [view[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT] for i in range(done)]
+        load = store.load
+        pages.extend(load(p) for p in range(first + done, first + count))
         for page in pages:
             if isinstance(page, asyncio.Future):
                 return asyncio.ensure_future(self._read_slow(pages, offset, length))
@@ -87,13 +99,19 @@ class Device:
         """
         store = self.store.store
         patch = self.store.patch
-        waits = []
+        waits: list[asyncio.Future[None]] = []
         length = len(data)
         pos = 0
         while pos < length:
             at = offset + pos
             pgno = at >> PAGE_SHIFT
             start = at & _MASK
+            if not start and length - pos >= 2 * PAGE_SIZE:
+                # A run of whole pages: the store takes it in one call.
+                end = pos + ((length - pos) & ~_MASK)
+                waits.extend(self.store.store_run(pgno, data[pos:end]))
+                pos = end
+                continue
             n = min(PAGE_SIZE - start, length - pos)
             if n == PAGE_SIZE:
                 r = store(pgno, data[pos : pos + PAGE_SIZE])

@@ -33,6 +33,11 @@ check ss iproute2
 check ip iproute2
 # The guest's memory hog is linked statically.
 dpkg -s libc6-dev >/dev/null 2>&1 || need+=(libc6-dev)
+# The tier's C loops build against lz4's headers; the tests then require them.
+dpkg -s liblz4-dev >/dev/null 2>&1 || need+=(liblz4-dev)
+python3 -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' ||
+    need+=(python3-dev)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx swapon || need+=(busybox-static)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
 if [ ${#need[@]} -gt 0 ]; then
@@ -51,4 +56,4 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-exec .venv/bin/pytest -q -rs "$@"
+NBDCACHE_REQUIRE_NATIVE=1 exec .venv/bin/pytest -q -rs "$@"

@@ -75,6 +75,22 @@ class PageStore(Protocol):
         with `StoreIOError`.  On any error the page keeps its previous content.
         """
 
+    def store_run(self, first: int, data: memoryview) -> list[asyncio.Future[None]]:
+        """`store` of the whole pages of `data` at `first`, `first`+1, ...
+
+        Pages are stored in order, as that many `store` calls would; returns
+        the futures of those that wait.  A raised error means the pages
+        before the failing one are stored and those after it untouched.
+        """
+
+    def load_run(self, first: int, count: int) -> tuple[bytearray | None, int]:
+        """Pages `first`.. as one buffer, as far as they can be read at once.
+
+        Returns the buffer of `count` pages and how many leading pages hold
+        their content, (None, 0) when not even the first could be read this
+        way: the caller `load`s the rest.  Same content as `load`.
+        """
+
     def patch(self, pgno: int, start: int, data: bytes | memoryview) -> asyncio.Future[None] | None:
         """Write `data` into the page at byte `start` (a partial page).
 

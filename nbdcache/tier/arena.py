@@ -441,7 +441,7 @@ class Allocator(Protocol):
         """Release an object; its frame returns to the arena when empty."""
         ...
 
-    def write_span(self, addr: int, data: bytes) -> None:
+    def write_span(self, addr: int, data: bytes | memoryview) -> None:
         """Write a split payload (`HANDLE_SPLIT`; zsmalloc only)."""
         ...
 

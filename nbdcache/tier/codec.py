@@ -21,16 +21,26 @@ Detection works on `bytes`: comparing two memoryviews of equal content is an
 element-by-element loop in CPython (tens of microseconds per page), so
 callers turn memoryviews into `bytes` first (one 4 KiB copy, a few hundred
 nanoseconds).
+
+`native` is the C module `nbdcache.tier._pages` when it was built (it needs
+lz4's headers at install time), else None.  It applies these same rules to a
+whole run of pages in one call (`encode`), and expands runs of pages straight
+into a reply buffer (`decode`); the tier uses it for every request of more
+than one page.  ``NBDCACHE_PURE_PYTHON=1`` in the environment turns it off.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import Final
 
 import lz4.block
 
-from nbdcache.tier import PAGE_SIZE, ZERO_PAGE
+from nbdcache.tier import DISK, HOLE, PAGE_SIZE, RAM, SAME, ZERO, ZERO_PAGE
+from nbdcache.tier.arena import HANDLE_LENGTH_MASK, HANDLE_SHIFT, HANDLE_SPLIT
 
 COMPRESSORS: Final = ("lz4", "none")
 
@@ -49,6 +59,30 @@ _compress = lz4.block.compress
 # lz4 binding still takes them in that order.
 if _compress(ZERO_PAGE[:64], "default", False) != _compress(ZERO_PAGE[:64], store_size=False):
     raise ImportError("lz4.block.compress no longer takes (source, mode, store_size)")
+
+
+def _load_native() -> ModuleType | None:
+    if os.environ.get("NBDCACHE_PURE_PYTHON") or sys.byteorder != "little":
+        return None
+    try:
+        from nbdcache.tier import _pages  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    expected = (PAGE_SIZE, HOLE, ZERO, SAME, RAM, DISK)
+    layout = (HANDLE_SHIFT, HANDLE_LENGTH_MASK, HANDLE_SPLIT)
+    got = (_pages.PAGE_SIZE, _pages.HOLE, _pages.ZERO, _pages.SAME, _pages.RAM, _pages.DISK)
+    if got != expected or layout != (
+        _pages.HANDLE_SHIFT,
+        _pages.HANDLE_LENGTH_MASK,
+        _pages.HANDLE_SPLIT,
+    ):
+        raise ImportError("nbdcache.tier._pages was built for another page table layout")
+    module: ModuleType = _pages
+    return module
+
+
+#: The C loops over runs of pages, or None (see the module docstring).
+native: Final = _load_native()
 
 
 def filled_word(page: bytes) -> int:

@@ -52,6 +52,7 @@ Everything runs on the caller's thread; nothing here locks.
 
 from __future__ import annotations
 
+from array import array
 from typing import TYPE_CHECKING, Final, NoReturn
 
 from nbdcache.tier import (
@@ -81,6 +82,7 @@ from nbdcache.tier.codec import (
     decompress_page,
     expand_word,
     filled_word,
+    native,
 )
 from nbdcache.tier.pagetable import PageTable, anonymous_array
 from nbdcache.tier.z3fold import Z3fold
@@ -102,6 +104,9 @@ def default_reserve(frame_count: int) -> int:
 #: Pages per step of a range discard, and that many zero handles to copy.
 _CHUNK: Final = 1 << 16
 _ZERO_HANDLES: Final = anonymous_array("Q", _CHUNK)
+
+#: Runs of up to this many pages encode into buffers kept for reuse (1 MiB).
+_SCRATCH_PAGES: Final = 256
 
 
 class RamTier:
@@ -151,6 +156,9 @@ class RamTier:
         self._view = self.arena.view
         self._encode = self.codec.encode
         self._alloc = self.allocator.alloc
+        self._scratch_out = bytearray(_SCRATCH_PAGES << PAGE_SHIFT)
+        self._scratch_sizes = array("i", bytes(4 * _SCRATCH_PAGES))
+        self._scratch_words = array("Q", bytes(8 * _SCRATCH_PAGES))
 
     @property
     def page_count(self) -> int:
@@ -189,7 +197,91 @@ class RamTier:
                 self._fill(pgno, SAME if word else ZERO, word)
                 return
         obj = self._encode(page)
-        size = len(obj)
+        self._place(pgno, obj, len(obj))
+
+    def store_run(self, first: int, data: memoryview) -> list[asyncio.Future[None]]:
+        done = self.store_pages(first, data)[0]
+        if done < len(data) >> PAGE_SHIFT:
+            at = done << PAGE_SHIFT
+            self.store(first + done, data[at : at + PAGE_SIZE])  # raises ArenaFull
+        return []
+
+    def store_pages(self, first: int, data: memoryview) -> tuple[int, list[int]]:
+        """Store the whole pages of `data` at `first`, `first`+1, ... in order.
+
+        The same as `store` page by page, with the encoding of the whole run
+        done in one C call when `codec.native` is there.  Errors are those of
+        `store`, except that a full arena in front of a backing image
+        (`ArenaFull`) ends the run instead: returns how many pages were
+        stored, and which of them were kept raw (incompressible).
+        """
+        count = len(data) >> PAGE_SHIFT
+        raws: list[int] = []
+        if native is None or self.codec.compressor != "lz4" or count < 2:
+            for i in range(count):
+                pgno = first + i
+                try:
+                    self.store(pgno, data[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT])
+                except ArenaFull:
+                    return i, raws
+                if self.is_raw(pgno):
+                    raws.append(pgno)
+            return count, raws
+        out, sizes, words = self._scratch(count)
+        native.encode(data, self.codec.threshold, out, sizes, words)
+        view = memoryview(out)
+        place = self._place
+        for i in range(count):
+            size = sizes[i]
+            pgno = first + i
+            start = i << PAGE_SHIFT
+            if size < 0:
+                word = words[i]
+                self._fill(pgno, SAME if word else ZERO, word)
+                continue
+            if size == PAGE_SIZE:
+                self.codec.incompressible += 1
+                raws.append(pgno)
+                obj = data[start : start + PAGE_SIZE]
+            else:
+                obj = view[start : start + size]
+            try:
+                place(pgno, obj, size)
+            except ArenaFull:
+                if size == PAGE_SIZE:
+                    raws.pop()
+                return i, raws
+        return count, raws
+
+    def _scratch(self, count: int) -> tuple[bytearray, array[int], array[int]]:
+        """Output buffers for `native.encode` of `count` pages.
+
+        Small runs (most requests) reuse one set: nothing holds on to them
+        past `store_run`, which runs to the end on the caller's thread.
+        """
+        if count > _SCRATCH_PAGES:
+            return (
+                bytearray(count << PAGE_SHIFT),
+                array("i", bytes(4 * count)),
+                array("Q", bytes(8 * count)),
+            )
+        return self._scratch_out, self._scratch_sizes, self._scratch_words
+
+    def load_run(self, first: int, count: int) -> tuple[bytearray | None, int]:
+        """Pages `first`.. expanded into one buffer while they are in RAM or
+        need no arena (HOLE, ZERO, SAME).
+
+        Stops at a DISK page and at an object split across frames
+        (zsmalloc); serves nothing without `codec.native`.
+        """
+        if native is None or self._state[first] == DISK:
+            return None, 0
+        out = bytearray(count << PAGE_SHIFT)
+        done: int = native.decode(self._state, self._handle, self._map, first, count, out)
+        return out, done
+
+    def _place(self, pgno: int, obj: bytes | memoryview, size: int) -> None:
+        """Put an encoded page (`size` bytes, `PAGE_SIZE` for raw) in the arena."""
         state = self._state
         old_state = state[pgno]
         if old_state == RAM:
@@ -266,7 +358,7 @@ class RamTier:
         self.enospc_errors += 1
         raise NoSpace(f"RAM tier full: no room for page {pgno}")
 
-    def _overwrite(self, pgno: int, obj: bytes, size: int) -> None:
+    def _overwrite(self, pgno: int, obj: bytes | memoryview, size: int) -> None:
         """Replace a RAM page: in place if its slot fits, else copy then free."""
         handles = self._handle
         allocator = self.allocator
@@ -292,7 +384,7 @@ class RamTier:
         self.compr_data_size += size - old_size
         self.huge_pages += (size == PAGE_SIZE) - (old_size == PAGE_SIZE)
 
-    def _write(self, handle: int, obj: bytes) -> None:
+    def _write(self, handle: int, obj: bytes | memoryview) -> None:
         addr = handle >> HANDLE_SHIFT
         if handle & HANDLE_SPLIT:
             self.allocator.write_span(addr, obj)

@@ -110,6 +110,7 @@ EXCLUSIVE_GETS: Final = ("off", "lazy", "eager")
 _DIRTY_RUN: Final = re.compile(b"\x02+")
 _RETRY_DELAY: Final = 0.5  # seconds before writeback retries after an I/O error
 _FLUSH_CHUNK: Final = 1 << 16  # pages examined per step of a flush
+_DIRTY_PAGES: Final = bytes([IMG_DIRTY]) * 256  # img bytes of a stored run
 _MAX_RUN: Final = 256  # pages per pwritev (1 MiB; IOV_MAX is 1024)
 _REGION_SHIFT: Final = 9  # reservations cover 512-page (2 MiB) regions
 _UNRESERVED_RUN: Final = re.compile(b"\x00+")
@@ -332,6 +333,66 @@ class WritebackStore:
         if raw and self._can_write_through(pgno):
             return self._write_through(pgno, data)  # incompressible: to the image
         return None
+
+    def store_run(self, first: int, data: memoryview) -> list[asyncio.Future[None]]:
+        """`store` of each whole page of `data`, in order, at `first`, ...
+
+        While the tier has room and nothing waits, the run goes to the RAM
+        tier in one call (`RamTier.store_run`); where that stops (the arena
+        filled up) and in every other case, pages take `store` one by one.
+        Returns the futures of the pages that must wait.
+        """
+        count = len(data) >> PAGE_SHIFT
+        end = first + count
+        waits: list[asyncio.Future[None]] = []
+        done = 0
+        if not (
+            self.full
+            or self.queued
+            or self.img.find(IMG_NONE, first, end) >= 0
+            or (self.punching and any(first <= p < end for p in self.punching))
+            or (self.through and any(first <= p < end for p in self.through))
+        ):
+            ram = self.ram
+            done, raws = ram.store_pages(first, data)
+            if done:
+                stop = first + done
+                if self.busy:
+                    for pgno in range(first, stop):
+                        self._touch(pgno)
+                self.img[first:stop] = (
+                    _DIRTY_PAGES[:done] if done <= len(_DIRTY_PAGES) else bytes([IMG_DIRTY]) * done
+                )
+                if ram.table.state.count(RAM, first, stop) != done:
+                    self._offram_changed()  # zero or same-filled pages
+                for pgno in raws:
+                    ram.make_cold(pgno)  # incompressible: first to go to the image
+                    if self._can_write_through(pgno):
+                        at = (pgno - first) << PAGE_SHIFT
+                        waits.append(self._write_through(pgno, data[at : at + PAGE_SIZE]))
+                if ram.arena.frames_used >= self._high:
+                    self._schedule()
+            if done < count:
+                self.full = True
+        for i in range(done, count):
+            at = i << PAGE_SHIFT
+            wait = self.store(first + i, data[at : at + PAGE_SIZE])
+            if wait is not None:
+                waits.append(wait)
+        return waits
+
+    def load_run(self, first: int, count: int) -> tuple[bytearray | None, int]:
+        """`RamTier.load_run`, where the RAM tier serves a page as `load` would:
+        only without exclusive gets (a RAM hit then changes nothing) and up to
+        the first page being written through (its newest data is not in RAM).
+        """
+        if self.policy.exclusive_gets != "off":
+            return None, 0
+        if self.through:
+            for pgno in self.through:
+                if first <= pgno < first + count and pgno not in self.touched:
+                    count = pgno - first
+        return self.ram.load_run(first, count) if count > 0 else (None, 0)
 
     def patch(self, pgno: int, start: int, data: bytes | memoryview) -> asyncio.Future[None] | None:
         if (

@@ -172,7 +172,7 @@ class Z3fold(FrameEviction):
         self.middle[frame] = 0
         self.middle_moves += 1
 
-    def write_span(self, addr: int, data: bytes) -> None:
+    def write_span(self, addr: int, data: bytes | memoryview) -> None:
         raise AssertionError("z3fold objects never straddle frames")
 
     def read_span(self, addr: int, size: int) -> bytes:

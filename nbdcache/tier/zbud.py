@@ -138,7 +138,7 @@ class Zbud(FrameEviction):
             self.unbuddied.remove(frame)
             self.arena.free_frame(frame)
 
-    def write_span(self, addr: int, data: bytes) -> None:
+    def write_span(self, addr: int, data: bytes | memoryview) -> None:
         raise AssertionError("zbud objects never straddle frames")
 
     def read_span(self, addr: int, size: int) -> bytes:

@@ -360,7 +360,7 @@ class Zsmalloc:
         elif inuse == self.class_full_at[cls] - 1:
             self._refile(head)
 
-    def write_span(self, addr: int, data: bytes) -> None:
+    def write_span(self, addr: int, data: bytes | memoryview) -> None:
         cut = PAGE_SIZE - (addr & _OFFSET_MASK)
         buf = self.arena.map
         view = memoryview(data)

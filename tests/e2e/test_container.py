@@ -153,6 +153,14 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def test_the_image_runs_the_tiers_c_loops(image: str) -> None:
+    """The build stage compiled nbdcache/tier/_pages.c and the image can load it."""
+    check = "from nbdcache.tier.codec import native; print(native.__name__, native.LZ4_VERSION)"
+    proc = podman("run", "--rm", "--entrypoint", "/opt/nbdcache/bin/python", image, "-c", check)
+    name, version = proc.stdout.split()
+    assert name == "nbdcache.tier._pages" and int(version) >= 10900
+
+
 def test_container_serves_checks_health_and_stops_cleanly(
     image: str, container_name: str, data: Path
 ) -> None:

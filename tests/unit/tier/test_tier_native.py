@@ -1,0 +1,195 @@
+"""The C loops (`nbdcache.tier._pages`) against the Python path they replace.
+
+Every run of pages must end up exactly as page-by-page `store` leaves it,
+and every page `load_run` expands must equal what `load` returns, for each
+allocator and every page state.  The scripts install lz4's headers, so a
+missing extension there is a build failure, not a reason to skip.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from array import array
+
+import lz4.block
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from tier_helpers import TIER_SETTINGS, page_of
+
+from nbdcache.tier import DISK, PAGE_SIZE, RAM, ZERO_PAGE, NoSpace
+from nbdcache.tier import ram as ram_module
+from nbdcache.tier.arena import HANDLE_LENGTH_MASK, HANDLE_SHIFT, HANDLE_SPLIT, ArenaFull
+from nbdcache.tier.codec import Codec, filled_word, native
+from nbdcache.tier.ram import ALLOCATORS, RamTier
+
+needs_native = pytest.mark.skipif(
+    native is None and not os.environ.get("NBDCACHE_REQUIRE_NATIVE"),
+    reason="nbdcache.tier._pages was not built (no lz4 headers at install time)",
+)
+
+KINDS = st.sampled_from(["zero", "same", "data", "data", "random"])
+PAGES = st.lists(
+    st.tuples(KINDS, st.integers(0, 10**6), st.integers(16, 4000)), min_size=2, max_size=40
+)
+
+
+def encode_run(data: bytes, threshold: int) -> tuple[bytearray, array[int], array[int]]:
+    assert native is not None
+    count = len(data) // PAGE_SIZE
+    out, sizes, words = bytearray(len(data)), array("i", [0] * count), array("Q", [0] * count)
+    native.encode(data, threshold, out, sizes, words)
+    return out, sizes, words
+
+
+def test_the_extension_is_built_where_the_scripts_installed_lz4_headers() -> None:
+    if os.environ.get("NBDCACHE_REQUIRE_NATIVE"):
+        assert native is not None, "nbdcache.tier._pages did not build or import"
+
+
+@needs_native
+@TIER_SETTINGS
+@given(pages=PAGES, threshold=st.integers(64, PAGE_SIZE - 64))
+def test_encode_classifies_like_the_codec(
+    pages: list[tuple[str, int, int]], threshold: int
+) -> None:
+    data = b"".join(page_of(kind, seed, length) for kind, seed, length in pages)
+    out, sizes, words = encode_run(data, threshold)
+    codec = Codec("lz4", threshold)
+    for i in range(len(pages)):
+        page = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+        word = filled_word(page) if page[0] == page[8] else -1
+        if word >= 0:
+            assert (sizes[i], words[i]) == (-1, word)
+            continue
+        expected = codec.encode(page)
+        if len(expected) == PAGE_SIZE:
+            assert sizes[i] == PAGE_SIZE  # kept raw, as the codec does
+        else:
+            block = bytes(out[i * PAGE_SIZE : i * PAGE_SIZE + sizes[i]])
+            assert sizes[i] <= threshold
+            assert lz4.block.decompress(block, uncompressed_size=PAGE_SIZE) == page
+
+
+@needs_native
+def test_a_page_equal_but_for_its_last_byte_is_not_same_filled() -> None:
+    page = b"\x07" * (PAGE_SIZE - 1) + b"\x08"
+    _, sizes, _ = encode_run(page + ZERO_PAGE, 3584)
+    assert sizes[0] > 0 and sizes[1] == -1
+
+
+@needs_native
+@pytest.mark.parametrize("allocator", list(ALLOCATORS))
+@TIER_SETTINGS
+@given(pages=PAGES, rewrite=st.integers(0, 10**6))
+def test_store_pages_leaves_the_tier_as_store_does(
+    allocator: str, pages: list[tuple[str, int, int]], rewrite: int
+) -> None:
+    count = len(pages)
+    data = b"".join(page_of(kind, seed, length) for kind, seed, length in pages)
+    batched = RamTier(count + 8, 1024 * PAGE_SIZE, allocator=allocator)
+    single = RamTier(count + 8, 1024 * PAGE_SIZE, allocator=allocator)
+    try:
+        for tier in (batched, single):  # an earlier copy to overwrite
+            tier.store(3, page_of("data", rewrite, 500))
+        done, raws = batched.store_pages(2, memoryview(data))
+        for i in range(count):
+            single.store(2 + i, data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+        assert done == count
+        assert raws == [2 + i for i in range(count) if single.is_raw(2 + i)]
+        for pgno in range(count + 8):
+            assert batched.state(pgno) == single.state(pgno)
+            assert batched.load(pgno) == single.load(pgno)
+        assert batched.stats() == single.stats()
+        batched.check()
+    finally:
+        batched.close()
+        single.close()
+
+
+@needs_native
+@pytest.mark.parametrize("allocator", list(ALLOCATORS))
+def test_load_run_expands_every_state_as_load_does(allocator: str) -> None:
+    rng = random.Random(7)
+    count = 300
+    tier = RamTier(count, 1024 * PAGE_SIZE, allocator=allocator)
+    try:
+        kinds = ["zero", "same", "data", "random", "hole"]
+        for pgno in range(count):
+            kind = rng.choice(kinds)
+            if kind != "hole":
+                tier.store(pgno, page_of(kind, pgno, rng.randrange(16, 3000)))
+        # Raw pages freed between zspages leave single frames that new
+        # zspages chain: their objects split across frames (zsmalloc).
+        for pgno in range(0, count - 1, 3):
+            tier.store(pgno, page_of("random", pgno, 0))
+        for pgno in range(0, count - 1, 6):
+            tier.discard(pgno)
+        for pgno in range(0, count - 1, 6):
+            tier.store(pgno, page_of("data", pgno + 1, 2900))
+        splits = sum(tier.state(p) == RAM and tier._handle[p] & HANDLE_SPLIT for p in range(count))
+        assert splits > 0 or allocator != "zsmalloc"
+        tier.table.state[count - 1] = DISK  # a page only the image would have
+        expected = b"".join(tier.load(pgno) for pgno in range(count - 1))
+        # Expand from every start in turn: each run stops only where it must.
+        pgno = 0
+        while pgno < count - 1:
+            out, done = tier.load_run(pgno, count - 1 - pgno)
+            assert out is not None and done >= 0
+            got = bytes(out[: done * PAGE_SIZE])
+            assert got == expected[pgno * PAGE_SIZE : (pgno + done) * PAGE_SIZE]
+            if done == 0:
+                # Only an object split across frames stops a run at once.
+                assert tier.state(pgno) == RAM and tier._handle[pgno] & HANDLE_SPLIT
+                done = 1
+            pgno += done
+        assert tier.load_run(count - 1, 1) == (None, 0)
+        out, done = tier.load_run(count - 2, 2)
+        assert done == 1 or tier._handle[count - 2] & HANDLE_SPLIT
+    finally:
+        tier.table.state[count - 1] = 0
+        tier.close()
+
+
+@needs_native
+def test_a_damaged_arena_copy_is_an_error_not_garbage() -> None:
+    tier = RamTier(4, 16 * PAGE_SIZE, allocator="zbud")
+    try:
+        tier.store(1, page_of("data", 1, 1000))
+        handle = tier._handle[1]
+        addr, size = handle >> HANDLE_SHIFT, handle & HANDLE_LENGTH_MASK
+        tier.arena.map[addr : addr + size] = b"\xff" * size
+        with pytest.raises(ValueError, match="page 1"):
+            tier.load_run(0, 4)
+    finally:
+        tier.close()
+
+
+@needs_native
+def test_a_full_arena_ends_the_run_and_the_rest_stays_untouched() -> None:
+    tier = RamTier(64, 4 * PAGE_SIZE, allocator="zbud", overcommit=False)
+    try:
+        data = b"".join(page_of("random", i, 0) for i in range(8))
+        done, raws = tier.store_pages(0, memoryview(data))
+        assert done == 4 and raws == [0, 1, 2, 3]
+        assert [tier.state(p) for p in range(8)] == [RAM] * 4 + [0] * 4
+        with pytest.raises(ArenaFull):
+            tier.store_run(0, memoryview(data))  # as `store` of page 4 would
+        tier.check()
+    finally:
+        tier.close()
+
+
+def test_the_pure_python_path_stores_and_loads_runs_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ram_module, "native", None)
+    tier = RamTier(16, 16 * PAGE_SIZE)
+    try:
+        assert tier.load_run(0, 4) == (None, 0)
+        data = b"".join(page_of(k, 3, 900) for k in ("data", "zero", "random", "same"))
+        assert tier.store_pages(0, memoryview(data)) == (4, [2])
+        assert b"".join(tier.load(p) for p in range(4)) == data
+        with pytest.raises(NoSpace):
+            RamTier(16, PAGE_SIZE).store_run(0, memoryview(data + data))
+    finally:
+        tier.close()
