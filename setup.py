@@ -12,7 +12,7 @@ setup(
             "nbdcache.tier._pages",
             ["nbdcache/tier/_pages.c"],
             libraries=["lz4"],
-            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
         )
     ]

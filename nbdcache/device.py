@@ -15,15 +15,30 @@ the future is done.  Pages are handed to the store in ascending order, one
 request at a time, so a store that queues keeps the client's order.  Runs
 of whole pages go to the store in one call (`store_run`, `load_run`), so the
 tier's C loops see a whole request at once.
+
+Large writes are compressed off the event loop.  A write of at least
+`offload_pages` whole pages is encoded on the encoder's thread
+(`nbdcache.tier.encoder`) while the loop goes on parsing and answering, and
+is stored and answered once that is done.  Every change that arrives
+meanwhile (writes, TRIM, WRITE_ZEROES) waits in one first-in first-out
+queue behind it, so changes reach the store in the order they arrived and
+the last write to a page wins.  Reads do not wait: like any read sent before
+a write's reply, they may see the pages before or after it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from nbdcache.tier import PAGE_SHIFT, PAGE_SIZE, ZERO_PAGE, PageStore
+from nbdcache.tier.encoder import RunEncoder
+
+if TYPE_CHECKING:
+    from nbdcache.tier.codec import Encoded
 
 _MASK = PAGE_SIZE - 1
 #: At most this many extents in one block status reply (the spec's SHOULD).
@@ -33,22 +48,54 @@ Buffers = list[bytes | bytearray | memoryview]
 Extents = list[tuple[int, int]]
 Outcome = Buffers | Extents | None | asyncio.Future[Any]
 
+#: Writes of at least this many whole pages (64 KiB) are encoded off the loop.
+OFFLOAD_PAGES = 16
+
 
 async def _gather(parts: Sequence[object]) -> list[Any]:
     """`parts` with every future in it replaced by its result."""
     return [await x if isinstance(x, asyncio.Future) else x for x in parts]
 
 
+def _copy_outcome(dest: asyncio.Future[Any], src: asyncio.Future[Any]) -> None:
+    if src.cancelled():
+        dest.cancel()
+    elif (exc := src.exception()) is not None:
+        dest.set_exception(exc)
+    else:
+        dest.set_result(src.result())
+
+
+class _Change:
+    """A change waiting its turn: `apply` runs once `encoding` (if any) is done."""
+
+    __slots__ = ("apply", "done", "encoding")
+
+    def __init__(self, apply: Callable[[], Outcome], encoding: asyncio.Future[Any] | None) -> None:
+        self.apply = apply
+        self.encoding = encoding
+        self.done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+
 class Device:
     """One export's content: a size and the page store behind it."""
 
-    def __init__(self, store: PageStore, size: int) -> None:
+    def __init__(self, store: PageStore, size: int, offload_pages: int = OFFLOAD_PAGES) -> None:
         if size % PAGE_SIZE or size <= 0:
             raise ValueError("device size must be a positive multiple of 4096")
         if store.page_count != size >> PAGE_SHIFT:
             raise ValueError("page store does not match the device size")
         self.store = store
         self.size = size
+        self.offload_pages = offload_pages
+        self._encoder: RunEncoder | None = None
+        self._changes: deque[_Change] = deque()
+
+    def close(self) -> None:
+        """Stop the encoder's thread; call once no request is in flight."""
+        if self._encoder is not None:
+            self._encoder.close()
+            self._encoder = None
 
     def read(self, offset: int, length: int) -> Buffers | asyncio.Future[Buffers]:
         """The bytes of [offset, offset+length) as a list of buffers."""
@@ -97,6 +144,62 @@ class Device:
         back, so two writes to different bytes of one page never undo each
         other, even when the store has to queue them.
         """
+        length = len(data)
+        threshold = self.store.encode_threshold
+        if (
+            threshold is not None
+            and length >= self.offload_pages << PAGE_SHIFT
+            and not (offset | length) & _MASK
+        ):
+            copy = bytes(data)  # the caller reuses its buffer once this returns
+            encoding = self._run_encoder().encode(copy, threshold)
+            return self._queue(
+                lambda: self._write_now(offset, memoryview(copy), fua, encoding.result()),
+                encoding,
+            )
+        if self._changes:
+            copy = bytes(data)
+            return self._queue(lambda: self._write_now(offset, memoryview(copy), fua))
+        return self._write_now(offset, data, fua)
+
+    def _run_encoder(self) -> RunEncoder:
+        loop = asyncio.get_running_loop()
+        if self._encoder is None or self._encoder.loop is not loop:
+            self.close()
+            self._encoder = RunEncoder(loop)
+        return self._encoder
+
+    def _queue(
+        self, apply: Callable[[], Outcome], encoding: asyncio.Future[Any] | None = None
+    ) -> asyncio.Future[Any]:
+        """Apply a change after every change queued before it (see the docstring)."""
+        change = _Change(apply, encoding)
+        self._changes.append(change)
+        if encoding is not None:
+            encoding.add_done_callback(lambda _: self._apply_ready())
+        return change.done
+
+    def _apply_ready(self) -> None:
+        """Apply queued changes from the head while their encoding is done."""
+        changes = self._changes
+        while changes:
+            change = changes[0]
+            if change.encoding is not None and not change.encoding.done():
+                return
+            changes.popleft()
+            try:
+                result = change.apply()
+            except BaseException as exc:  # the encoding was cancelled: closing
+                change.done.set_exception(exc)
+                continue
+            if isinstance(result, asyncio.Future):
+                result.add_done_callback(partial(_copy_outcome, change.done))
+            else:
+                change.done.set_result(result)
+
+    def _write_now(
+        self, offset: int, data: memoryview, fua: bool, encoded: Encoded | None = None
+    ) -> Outcome:
         store = self.store.store
         patch = self.store.patch
         waits: list[asyncio.Future[None]] = []
@@ -109,7 +212,7 @@ class Device:
             if not start and length - pos >= 2 * PAGE_SIZE:
                 # A run of whole pages: the store takes it in one call.
                 end = pos + ((length - pos) & ~_MASK)
-                waits.extend(self.store.store_run(pgno, data[pos:end]))
+                waits.extend(self.store.store_run(pgno, data[pos:end], encoded))
                 pos = end
                 continue
             n = min(PAGE_SIZE - start, length - pos)
@@ -140,6 +243,11 @@ class Device:
 
     def trim(self, offset: int, length: int, fua: bool = False) -> Outcome:
         """Discard the whole pages inside the range; partial pages stay."""
+        if self._changes:
+            return self._queue(lambda: self._trim_now(offset, length, fua))
+        return self._trim_now(offset, length, fua)
+
+    def _trim_now(self, offset: int, length: int, fua: bool) -> Outcome:
         first = (offset + _MASK) >> PAGE_SHIFT
         end = (offset + length) >> PAGE_SHIFT
         if end > first:
@@ -150,17 +258,24 @@ class Device:
 
     def write_zeroes(self, offset: int, length: int, no_hole: bool, fua: bool = False) -> Outcome:
         """Make the range read as zeroes; whole pages become ZERO pages."""
+        if self._changes:
+            return self._queue(lambda: self._write_zeroes_now(offset, length, no_hole, fua))
+        return self._write_zeroes_now(offset, length, no_hole, fua)
+
+    def _write_zeroes_now(self, offset: int, length: int, no_hole: bool, fua: bool) -> Outcome:
         if length == 0:
             return None
         end = offset + length
         first_full = (offset + _MASK) >> PAGE_SHIFT
         end_full = end >> PAGE_SHIFT
         if first_full >= end_full:  # within one or two partial pages
-            return self.write(offset, memoryview(bytes(length)), fua)
+            return self._write_now(offset, memoryview(bytes(length)), fua)
         parts: list[Outcome] = []
         if offset & _MASK:
             parts.append(
-                self.write(offset, memoryview(ZERO_PAGE)[: (first_full << PAGE_SHIFT) - offset])
+                self._write_now(
+                    offset, memoryview(ZERO_PAGE)[: (first_full << PAGE_SHIFT) - offset], False
+                )
             )
         if no_hole:
             zero = self.store.zero
@@ -171,7 +286,9 @@ class Device:
         else:  # a hole reads as zeroes: the same as a trim
             self.store.discard(first_full, end_full - first_full)
         if end & _MASK:
-            parts.append(self.write(end_full << PAGE_SHIFT, memoryview(ZERO_PAGE)[: end & _MASK]))
+            parts.append(
+                self._write_now(end_full << PAGE_SHIFT, memoryview(ZERO_PAGE)[: end & _MASK], False)
+            )
         waits = [x for x in parts if isinstance(x, asyncio.Future)]
         if waits or fua:
             return asyncio.ensure_future(self._settle(waits, offset, length, fua))

@@ -104,6 +104,7 @@ def build(cfg: Config) -> list[Export]:
 async def close(exports: list[Export]) -> None:
     """Write back what durability requires, then release images and arenas."""
     for export in exports:
+        export.device.close()
         store = export.device.store
         if isinstance(store, WritebackStore):
             await store.close()

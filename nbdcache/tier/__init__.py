@@ -10,7 +10,10 @@ library: nothing in it imports network code.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from nbdcache.tier.codec import Encoded
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -75,12 +78,20 @@ class PageStore(Protocol):
         with `StoreIOError`.  On any error the page keeps its previous content.
         """
 
-    def store_run(self, first: int, data: memoryview) -> list[asyncio.Future[None]]:
+    @property
+    def encode_threshold(self) -> int | None:
+        """If the store takes runs encoded elsewhere (`store_run`'s `encoded`):
+        the incompressible threshold to encode them with; else None."""
+
+    def store_run(
+        self, first: int, data: memoryview, encoded: Encoded | None = None
+    ) -> list[asyncio.Future[None]]:
         """`store` of the whole pages of `data` at `first`, `first`+1, ...
 
         Pages are stored in order, as that many `store` calls would; returns
         the futures of those that wait.  A raised error means the pages
         before the failing one are stored and those after it untouched.
+        `encoded`: `data` already encoded (see `encode_threshold`).
         """
 
     def load_run(self, first: int, count: int) -> tuple[bytearray | None, int]:

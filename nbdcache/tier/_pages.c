@@ -46,6 +46,41 @@ filled(const unsigned char *page, uint64_t *word)
     return 1;
 }
 
+/* Needs no Python state: runs on the caller's thread or on an Encoder's. */
+static void
+encode_loop(const unsigned char *src, Py_ssize_t n, int threshold, char *out, int32_t *sizes,
+            uint64_t *words)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const unsigned char *page = src + i * PAGE_SIZE;
+        if (filled(page, &words[i])) {
+            sizes[i] = -1;
+            continue;
+        }
+        int c = LZ4_compress_default((const char *)page, out + i * PAGE_SIZE, PAGE_SIZE, threshold);
+        sizes[i] = c > 0 ? c : PAGE_SIZE;
+    }
+}
+
+/* Checks shared by encode() and Encoder.submit(). */
+static int
+check_encode_args(Py_buffer *src, int threshold, Py_buffer *out, Py_buffer *sizes,
+                  Py_buffer *words)
+{
+    Py_ssize_t n = src->len / PAGE_SIZE;
+    if (src->len % PAGE_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "source is not a whole number of pages");
+    } else if (threshold <= 0 || threshold >= PAGE_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "threshold must be in 1..4095");
+    } else if (out->len < n * PAGE_SIZE || sizes->len < n * 4 || words->len < n * 8
+               || sizes->itemsize != 4 || words->itemsize != 8) {
+        PyErr_SetString(PyExc_ValueError, "output buffers are too small or of the wrong type");
+    } else {
+        return 0;
+    }
+    return -1;
+}
+
 PyDoc_STRVAR(encode_doc,
 "encode(src, threshold, out, sizes, words) -> None\n\n"
 "For page i of `src` (a whole number of pages): sizes[i] = -1 and\n"
@@ -63,29 +98,9 @@ encode(PyObject *self, PyObject *args)
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t n = src.len / PAGE_SIZE;
-    if (src.len % PAGE_SIZE) {
-        PyErr_SetString(PyExc_ValueError, "source is not a whole number of pages");
-    } else if (threshold <= 0 || threshold >= PAGE_SIZE) {
-        PyErr_SetString(PyExc_ValueError, "threshold must be in 1..4095");
-    } else if (out.len < n * PAGE_SIZE || sizes.len < n * 4 || words.len < n * 8
-               || sizes.itemsize != 4 || words.itemsize != 8) {
-        PyErr_SetString(PyExc_ValueError, "output buffers are too small or of the wrong type");
-    } else {
-        const unsigned char *s = src.buf;
-        char *o = out.buf;
-        int32_t *sz = sizes.buf;
-        uint64_t *w = words.buf;
+    if (check_encode_args(&src, threshold, &out, &sizes, &words) == 0) {
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n; i++) {
-            const unsigned char *page = s + i * PAGE_SIZE;
-            if (filled(page, &w[i])) {
-                sz[i] = -1;
-                continue;
-            }
-            int c = LZ4_compress_default((const char *)page, o + i * PAGE_SIZE, PAGE_SIZE,
-                                         threshold);
-            sz[i] = c > 0 ? c : PAGE_SIZE;
-        }
+        encode_loop(src.buf, n, threshold, out.buf, sizes.buf, words.buf);
         Py_END_ALLOW_THREADS
         result = Py_NewRef(Py_None);
     }
@@ -166,6 +181,244 @@ end:
     return result;
 }
 
+/*
+ * Encoder: the same encode loop on a thread of its own, which never takes
+ * the GIL.  The event loop submits a run with buffers it allocated, goes on
+ * parsing and answering, and collects finished runs when the eventfd
+ * `fd` becomes readable.  Each job holds its buffers (Py_buffer views, so
+ * the objects stay alive and cannot be resized) until it is collected.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+typedef struct job {
+    struct job *next;
+    long long id;
+    int threshold;
+    Py_buffer src, out, sizes, words;
+} job;
+
+typedef struct {
+    PyObject_HEAD
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    job *todo, *todo_tail, *done, *done_tail;
+    int efd;
+    int started;
+    int closing;
+} Encoder;
+
+static void
+release_job(job *j)
+{
+    PyBuffer_Release(&j->src);
+    PyBuffer_Release(&j->out);
+    PyBuffer_Release(&j->sizes);
+    PyBuffer_Release(&j->words);
+    PyMem_RawFree(j);
+}
+
+static void *
+encoder_thread(void *arg)
+{
+    Encoder *e = arg;
+    pthread_mutex_lock(&e->lock);
+    for (;;) {
+        while (e->todo == NULL && !e->closing)
+            pthread_cond_wait(&e->wake, &e->lock);
+        if (e->todo == NULL)
+            break; /* closing, and nothing left to do */
+        job *j = e->todo;
+        e->todo = j->next;
+        if (e->todo == NULL)
+            e->todo_tail = NULL;
+        pthread_mutex_unlock(&e->lock);
+        encode_loop(j->src.buf, j->src.len / PAGE_SIZE, j->threshold, j->out.buf, j->sizes.buf,
+                    j->words.buf);
+        pthread_mutex_lock(&e->lock);
+        j->next = NULL;
+        if (e->done_tail)
+            e->done_tail->next = j;
+        else
+            e->done = j;
+        e->done_tail = j;
+        uint64_t one = 1;
+        while (write(e->efd, &one, sizeof one) < 0 && errno == EINTR)
+            ;
+    }
+    pthread_mutex_unlock(&e->lock);
+    return NULL;
+}
+
+static PyObject *
+Encoder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (!PyArg_ParseTuple(args, ":Encoder"))
+        return NULL;
+    Encoder *e = (Encoder *)type->tp_alloc(type, 0);
+    if (e == NULL)
+        return NULL;
+    e->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (e->efd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(e);
+        return NULL;
+    }
+    pthread_mutex_init(&e->lock, NULL);
+    pthread_cond_init(&e->wake, NULL);
+    int err = pthread_create(&e->thread, NULL, encoder_thread, e);
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(e);
+        return NULL;
+    }
+    e->started = 1;
+    return (PyObject *)e;
+}
+
+/* Stop the thread (it finishes what was submitted) and drop every job. */
+static void
+encoder_stop(Encoder *e)
+{
+    if (e->started) {
+        pthread_mutex_lock(&e->lock);
+        e->closing = 1;
+        pthread_cond_signal(&e->wake);
+        pthread_mutex_unlock(&e->lock);
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(e->thread, NULL);
+        Py_END_ALLOW_THREADS
+        e->started = 0;
+    }
+    while (e->done) {
+        job *j = e->done;
+        e->done = j->next;
+        release_job(j);
+    }
+    e->done_tail = NULL;
+}
+
+static void
+Encoder_dealloc(Encoder *e)
+{
+    encoder_stop(e);
+    if (e->efd >= 0) {
+        close(e->efd);
+        e->efd = -1;
+        pthread_mutex_destroy(&e->lock);
+        pthread_cond_destroy(&e->wake);
+    }
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+PyDoc_STRVAR(submit_doc,
+"submit(id, src, threshold, out, sizes, words) -> None\n\n"
+"Queue encode(src, threshold, out, sizes, words) for the encoder's thread;\n"
+"`collect` returns `id` once it is done.  The buffers must not change until then.");
+
+static PyObject *
+Encoder_submit(Encoder *e, PyObject *args)
+{
+    if (!e->started || e->closing) {
+        PyErr_SetString(PyExc_ValueError, "the encoder is closed");
+        return NULL;
+    }
+    job *j = PyMem_RawCalloc(1, sizeof *j);
+    if (j == NULL)
+        return PyErr_NoMemory();
+    if (!PyArg_ParseTuple(args, "Ly*iw*w*w*", &j->id, &j->src, &j->threshold, &j->out,
+                          &j->sizes, &j->words)) {
+        PyMem_RawFree(j);
+        return NULL;
+    }
+    if (check_encode_args(&j->src, j->threshold, &j->out, &j->sizes, &j->words) < 0) {
+        release_job(j);
+        return NULL;
+    }
+    pthread_mutex_lock(&e->lock);
+    if (e->todo_tail)
+        e->todo_tail->next = j;
+    else
+        e->todo = j;
+    e->todo_tail = j;
+    pthread_cond_signal(&e->wake);
+    pthread_mutex_unlock(&e->lock);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(collect_doc,
+"collect() -> list[int]\n\n"
+"The ids of the runs finished since the last call, in submission order;\n"
+"their buffers are released.  Call it when `fd` is readable.");
+
+static PyObject *
+Encoder_collect(Encoder *e, PyObject *unused)
+{
+    uint64_t count;
+    if (read(e->efd, &count, sizeof count) < 0 && errno != EAGAIN)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    pthread_mutex_lock(&e->lock);
+    job *j = e->done;
+    e->done = e->done_tail = NULL;
+    pthread_mutex_unlock(&e->lock);
+    PyObject *ids = PyList_New(0);
+    while (j) {
+        job *next = j->next;
+        PyObject *id = ids ? PyLong_FromLongLong(j->id) : NULL;
+        if (id == NULL || PyList_Append(ids, id) < 0)
+            Py_CLEAR(ids);
+        Py_XDECREF(id);
+        release_job(j);
+        j = next;
+    }
+    return ids;
+}
+
+PyDoc_STRVAR(close_doc,
+"close() -> None\n\n"
+"Finish the runs submitted, stop the thread and drop the runs not collected.");
+
+static PyObject *
+Encoder_close(Encoder *e, PyObject *unused)
+{
+    encoder_stop(e);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Encoder_fd(Encoder *e, void *closure)
+{
+    return PyLong_FromLong(e->efd);
+}
+
+static PyMethodDef Encoder_methods[] = {
+    {"submit", (PyCFunction)Encoder_submit, METH_VARARGS, submit_doc},
+    {"collect", (PyCFunction)Encoder_collect, METH_NOARGS, collect_doc},
+    {"close", (PyCFunction)Encoder_close, METH_NOARGS, close_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Encoder_getset[] = {
+    {"fd", (getter)Encoder_fd, NULL, "eventfd that is readable when runs are done", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject EncoderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "nbdcache.tier._pages.Encoder",
+    .tp_doc = "encode() on a thread of its own; see the comment in _pages.c",
+    .tp_basicsize = sizeof(Encoder),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Encoder_new,
+    .tp_dealloc = (destructor)Encoder_dealloc,
+    .tp_methods = Encoder_methods,
+    .tp_getset = Encoder_getset,
+};
+
 static PyMethodDef methods[] = {
     {"encode", encode, METH_VARARGS, encode_doc},
     {"decode", decode, METH_VARARGS, decode_doc},
@@ -181,9 +434,15 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__pages(void)
 {
+    if (PyType_Ready(&EncoderType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    if (PyModule_AddObjectRef(m, "Encoder", (PyObject *)&EncoderType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     if (PyModule_AddIntConstant(m, "PAGE_SIZE", PAGE_SIZE) < 0
         || PyModule_AddIntConstant(m, "HOLE", ST_HOLE) < 0
         || PyModule_AddIntConstant(m, "ZERO", ST_ZERO) < 0

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import sys
+from array import array
 from collections.abc import Callable
 from types import ModuleType
 from typing import Final
@@ -83,6 +84,12 @@ def _load_native() -> ModuleType | None:
 
 #: The C loops over runs of pages, or None (see the module docstring).
 native: Final = _load_native()
+
+
+#: A run of pages as `native.encode` leaves it: the lz4 blocks at page
+#: strides, the size per page (-1: zero or same-filled, 4096: kept raw) and
+#: the repeated words.
+Encoded = tuple[bytearray, "array[int]", "array[int]"]
 
 
 def filled_word(page: bytes) -> int:

@@ -79,6 +79,7 @@ from nbdcache.tier.arena import (
 from nbdcache.tier.codec import (
     DEFAULT_INCOMPRESSIBLE_THRESHOLD,
     Codec,
+    Encoded,
     decompress_page,
     expand_word,
     filled_word,
@@ -199,18 +200,31 @@ class RamTier:
         obj = self._encode(page)
         self._place(pgno, obj, len(obj))
 
-    def store_run(self, first: int, data: memoryview) -> list[asyncio.Future[None]]:
-        done = self.store_pages(first, data)[0]
+    @property
+    def encode_threshold(self) -> int | None:
+        """The threshold to encode runs for `store_pages` with, elsewhere
+        (`nbdcache.tier.encoder`); None when there is nothing to do so."""
+        if native is None or self.codec.compressor != "lz4":
+            return None
+        return self.codec.threshold
+
+    def store_run(
+        self, first: int, data: memoryview, encoded: Encoded | None = None
+    ) -> list[asyncio.Future[None]]:
+        done = self.store_pages(first, data, encoded)[0]
         if done < len(data) >> PAGE_SHIFT:
             at = done << PAGE_SHIFT
             self.store(first + done, data[at : at + PAGE_SIZE])  # raises ArenaFull
         return []
 
-    def store_pages(self, first: int, data: memoryview) -> tuple[int, list[int]]:
+    def store_pages(
+        self, first: int, data: memoryview, encoded: Encoded | None = None
+    ) -> tuple[int, list[int]]:
         """Store the whole pages of `data` at `first`, `first`+1, ... in order.
 
         The same as `store` page by page, with the encoding of the whole run
-        done in one C call when `codec.native` is there.  Errors are those of
+        done in one C call when `codec.native` is there, or beforehand:
+        `encoded` is `data` encoded with `encode_threshold`.  Errors are those of
         `store`, except that a full arena in front of a backing image
         (`ArenaFull`) ends the run instead: returns how many pages were
         stored, and which of them were kept raw (incompressible).
@@ -227,8 +241,11 @@ class RamTier:
                 if self.is_raw(pgno):
                     raws.append(pgno)
             return count, raws
-        out, sizes, words = self._scratch(count)
-        native.encode(data, self.codec.threshold, out, sizes, words)
+        if encoded is None:
+            out, sizes, words = self._scratch(count)
+            native.encode(data, self.codec.threshold, out, sizes, words)
+        else:
+            out, sizes, words = encoded
         view = memoryview(out)
         place = self._place
         for i in range(count):

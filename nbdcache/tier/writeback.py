@@ -97,7 +97,7 @@ from nbdcache.tier import (
     StoreIOError,
 )
 from nbdcache.tier.arena import ArenaFull
-from nbdcache.tier.codec import expand_word
+from nbdcache.tier.codec import Encoded, expand_word
 from nbdcache.tier.ram import RamTier
 
 log = logging.getLogger("nbdcache.writeback")
@@ -146,6 +146,22 @@ class _Waiter:
     since: float = field(default_factory=time.monotonic)
     queued: bool = True  # still counted in WritebackStore.queued
     timer: asyncio.TimerHandle | None = None  # its `wait_timeout`
+    count: int = 1  # pages: a run of whole pages (start -1) has more than one
+    encoded: Encoded | None = None  # a run's pages, encoded already
+
+
+def _settle_run(run: asyncio.Future[None], parts: asyncio.Future[list[object]]) -> None:
+    """A run's future, once its parts (pages queued again, write-throughs) are done."""
+    if run.done():
+        return
+    if parts.cancelled():
+        run.cancel()
+        return
+    errors = [r for r in parts.result() if isinstance(r, BaseException)]
+    if errors:
+        run.set_exception(errors[0])
+    else:
+        run.set_result(None)
 
 
 #: Write-through pages of one event-loop turn, with the futures of their writes.
@@ -334,52 +350,72 @@ class WritebackStore:
             return self._write_through(pgno, data)  # incompressible: to the image
         return None
 
-    def store_run(self, first: int, data: memoryview) -> list[asyncio.Future[None]]:
+    @property
+    def encode_threshold(self) -> int | None:
+        return self.ram.encode_threshold
+
+    def store_run(
+        self, first: int, data: memoryview, encoded: Encoded | None = None
+    ) -> list[asyncio.Future[None]]:
         """`store` of each whole page of `data`, in order, at `first`, ...
 
-        While the tier has room and nothing waits, the run goes to the RAM
-        tier in one call (`RamTier.store_run`); where that stops (the arena
-        filled up) and in every other case, pages take `store` one by one.
-        Returns the futures of the pages that must wait.
+        While the tier has room, the run goes to the RAM tier in one call
+        (`RamTier.store_pages`); a run that only waits for its image blocks
+        waits as one (`_pump_run`).  Where the arena fills up, and while
+        writes to these pages are queued or the tier is full, pages take
+        `store` one by one.  Returns the futures of what must wait.
         """
         count = len(data) >> PAGE_SHIFT
         end = first + count
-        waits: list[asyncio.Future[None]] = []
         done = 0
+        waits: list[asyncio.Future[None]] = []
+        queued = self.queued
         if not (
             self.full
-            or self.queued
-            or self.img.find(IMG_NONE, first, end) >= 0
+            or (queued and any(p in queued for p in range(first, end)))
             or (self.punching and any(first <= p < end for p in self.punching))
-            or (self.through and any(first <= p < end for p in self.through))
         ):
-            ram = self.ram
-            done, raws = ram.store_pages(first, data)
-            if done:
-                stop = first + done
-                if self.busy:
-                    for pgno in range(first, stop):
-                        self._touch(pgno)
-                self.img[first:stop] = (
-                    _DIRTY_PAGES[:done] if done <= len(_DIRTY_PAGES) else bytes([IMG_DIRTY]) * done
-                )
-                if ram.table.state.count(RAM, first, stop) != done:
-                    self._offram_changed()  # zero or same-filled pages
-                for pgno in raws:
-                    ram.make_cold(pgno)  # incompressible: first to go to the image
-                    if self._can_write_through(pgno):
-                        at = (pgno - first) << PAGE_SHIFT
-                        waits.append(self._write_through(pgno, data[at : at + PAGE_SIZE]))
-                if ram.arena.frames_used >= self._high:
-                    self._schedule()
-            if done < count:
-                self.full = True
+            if self.img.find(IMG_NONE, first, end) >= 0:
+                return [self._enqueue_run(first, data, encoded)]
+            done, waits = self._store_pages_now(first, data, encoded)
         for i in range(done, count):
             at = i << PAGE_SHIFT
             wait = self.store(first + i, data[at : at + PAGE_SIZE])
             if wait is not None:
                 waits.append(wait)
         return waits
+
+    def _store_pages_now(
+        self, first: int, data: memoryview, encoded: Encoded | None
+    ) -> tuple[int, list[asyncio.Future[None]]]:
+        """`_store_now` of a run of reserved pages, in one call to the tier.
+
+        Returns how many pages the arena took (the rest found it full:
+        `full` is set) and the futures of the incompressible ones, which go
+        on to the image as in `store`."""
+        ram = self.ram
+        done, raws = ram.store_pages(first, data, encoded)
+        waits: list[asyncio.Future[None]] = []
+        if done:
+            stop = first + done
+            if self.busy:
+                for pgno in range(first, stop):
+                    self._touch(pgno)
+            self.img[first:stop] = (
+                _DIRTY_PAGES[:done] if done <= len(_DIRTY_PAGES) else bytes([IMG_DIRTY]) * done
+            )
+            if ram.table.state.count(RAM, first, stop) != done:
+                self._offram_changed()  # zero or same-filled pages
+            for pgno in raws:
+                ram.make_cold(pgno)  # incompressible: first to go to the image
+                if self._can_write_through(pgno):
+                    at = (pgno - first) << PAGE_SHIFT
+                    waits.append(self._write_through(pgno, data[at : at + PAGE_SIZE]))
+            if ram.arena.frames_used >= self._high:
+                self._schedule()
+        if done < len(data) >> PAGE_SHIFT:
+            self.full = True
+        return done, waits
 
     def load_run(self, first: int, count: int) -> tuple[bytearray | None, int]:
         """`RamTier.load_run`, where the RAM tier serves a page as `load` would:
@@ -606,6 +642,22 @@ class WritebackStore:
         self._pump_waiters()
         return waiter.future
 
+    def _enqueue_run(
+        self, first: int, data: memoryview, encoded: Encoded | None
+    ) -> asyncio.Future[None]:
+        """Queue a run of whole pages as one write (see `_pump_run`)."""
+        loop = asyncio.get_running_loop()
+        count = len(data) >> PAGE_SHIFT
+        waiter = _Waiter(first, bytes(data), -1, loop.create_future(), count=count, encoded=encoded)
+        self.waiters.append(waiter)
+        queued = self.queued
+        for pgno in range(first, first + count):
+            queued[pgno] = queued.get(pgno, 0) + 1
+        self.writes_waited += count
+        waiter.timer = loop.call_later(self.policy.wait_timeout, self._expire, waiter)
+        self._pump_waiters()
+        return waiter.future
+
     def _unqueue(self, w: _Waiter) -> None:
         """`w` leaves the queue (stored, failed or expired).
 
@@ -616,11 +668,13 @@ class WritebackStore:
             w.timer = None
         if w.queued:
             w.queued = False
-            left = self.queued[w.pgno] - 1
-            if left:
-                self.queued[w.pgno] = left
-            else:
-                del self.queued[w.pgno]
+            queued = self.queued
+            for pgno in range(w.pgno, w.pgno + w.count):
+                left = queued[pgno] - 1
+                if left:
+                    queued[pgno] = left
+                else:
+                    del queued[pgno]
 
     def _pump_waiters(self) -> None:
         """Store queued writes in order while there is room and a reservation.
@@ -632,6 +686,10 @@ class WritebackStore:
             w = waiters[0]
             if w.future.done():  # expired
                 waiters.popleft()
+                continue
+            if w.count > 1:
+                if not self._pump_run(w):
+                    return
                 continue
             if w.pgno in self.punching:
                 return  # the punch's completion pumps again
@@ -684,6 +742,44 @@ class WritebackStore:
             else:
                 w.future.set_result(None)
 
+    def _pump_run(self, w: _Waiter) -> bool:
+        """Store the run at the head of the queue; False if it must wait more.
+
+        A run waits for its image blocks and any punch in it, then goes to
+        the RAM tier whole.  Pages the arena has no room for (or all of them,
+        when the tier is full) are queued again at the head, one waiter each,
+        and the run's future waits for them.
+        """
+        first, count = w.pgno, w.count
+        end = first + count
+        if self.punching and any(first <= p < end for p in self.punching):
+            return False  # the punch's completion pumps again
+        if self.img.find(IMG_NONE, first, end) >= 0:
+            self._reserve()
+            return False
+        self.waiters.popleft()
+        self._unqueue(w)
+        self.write_wait_ns += int((time.monotonic() - w.since) * 1e9)
+        done, waits = (
+            (0, []) if self.full else self._store_pages_now(first, memoryview(w.data), w.encoded)
+        )
+        if done < count:
+            loop = asyncio.get_running_loop()
+            left = max(0.0, w.since + self.policy.wait_timeout - time.monotonic())
+            for i in reversed(range(done, count)):
+                at = i << PAGE_SHIFT
+                page = _Waiter(first + i, w.data[at : at + PAGE_SIZE], -1, loop.create_future())
+                self.queued[page.pgno] = self.queued.get(page.pgno, 0) + 1
+                page.timer = loop.call_later(left, self._expire, page)
+                self.waiters.appendleft(page)
+                waits.append(page.future)
+        if waits:
+            gathered = asyncio.gather(*waits, return_exceptions=True)
+            gathered.add_done_callback(functools.partial(_settle_run, w.future))
+        else:
+            w.future.set_result(None)
+        return True
+
     def _prefetch_bases(self) -> None:
         """Start the base reads of the patches queued behind the head as well.
 
@@ -699,7 +795,7 @@ class WritebackStore:
                 break
             if w.pgno in seen:
                 continue
-            seen.add(w.pgno)
+            seen.update(range(w.pgno, w.pgno + w.count))
             if (
                 i
                 and w.start >= 0
@@ -754,7 +850,9 @@ class WritebackStore:
         if self._reserving:
             return
         img = self.img
-        wanted = sorted({w.pgno for w in self.waiters if img[w.pgno] == IMG_NONE})
+        wanted = sorted(
+            {p for w in self.waiters for p in range(w.pgno, w.pgno + w.count) if img[p] == IMG_NONE}
+        )
         ranges: list[tuple[int, int]] = []
         for region in sorted({p >> _REGION_SHIFT for p in wanted}):
             start = region << _REGION_SHIFT
@@ -799,11 +897,13 @@ class WritebackStore:
             self.reservation_failures += len(failed)
             keep: deque[_Waiter] = deque()
             for w in self.waiters:
-                if w.pgno in failed:
+                lost = [p for p in range(w.pgno, w.pgno + w.count) if p in failed]
+                if lost:
+                    # A run fails whole: none of its pages is stored.
                     self._unqueue(w)
                     if not w.future.done():
                         w.future.set_exception(
-                            NoSpace(f"backing image is full: no room for page {w.pgno}")
+                            NoSpace(f"backing image is full: no room for page {lost[0]}")
                         )
                 else:
                     keep.append(w)

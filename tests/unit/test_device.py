@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbdcache.device import Device
-from nbdcache.tier import STATE_HOLE, STATE_ZERO
+from nbdcache.tier import STATE_HOLE, STATE_ZERO, NoSpace
 from nbdcache.tier.ram import RamTier
 
 PAGES = 8
@@ -107,3 +111,67 @@ def test_device_matches_a_bytearray_model(ops: list[tuple[str, int, int, int]]) 
             assert model[pos : pos + length] == bytes(length)
         pos += length
     assert pos == SIZE
+
+
+def test_changes_behind_an_offloaded_write_apply_in_arrival_order() -> None:
+    """A large write is encoded off the loop; writes, trims and zeroing sent
+    after it wait their turn, so the last change to a page wins."""
+    if RamTier(1, 4096).encode_threshold is None:
+        pytest.skip("nbdcache.tier._pages was not built")
+
+    async def run() -> None:
+        pages = 64
+        dev = Device(RamTier(pages, 1 << 20), pages * 4096, offload_pages=4)
+        model = bytearray(pages * 4096)
+        rng = random.Random(5)
+        try:
+            results = []
+            for _ in range(40):
+                first = rng.randrange(pages - 8)
+                count = rng.randrange(1, 9)
+                off, length = first * 4096, count * 4096
+                op = rng.choice(["write", "write", "unaligned", "trim", "zero"])
+                if op == "write":
+                    data = rng.randbytes(256) * (length // 256)
+                    results.append(dev.write(off, memoryview(data)))
+                elif op == "unaligned":
+                    off, data = off + 100, rng.randbytes(length - 300)
+                    results.append(dev.write(off, memoryview(data)))
+                elif op == "trim":
+                    results.append(dev.trim(off, length))
+                    data = bytes(length)
+                else:
+                    results.append(dev.write_zeroes(off, length, no_hole=bool(count % 2)))
+                    data = bytes(length)
+                model[off : off + len(data)] = data
+            assert any(isinstance(r, asyncio.Future) for r in results)
+            for r in results:
+                if isinstance(r, asyncio.Future):
+                    await r
+            assert read(dev, 0, pages * 4096) == model
+        finally:
+            dev.close()
+
+    asyncio.run(run())
+
+
+def test_a_failed_offloaded_write_fails_alone() -> None:
+    """A run the tier has no room for gets its error; what follows still applies."""
+    if RamTier(1, 4096).encode_threshold is None:
+        pytest.skip("nbdcache.tier._pages was not built")
+
+    async def run() -> None:
+        pages = 64
+        dev = Device(RamTier(pages, 8 * 4096), pages * 4096, offload_pages=4)
+        try:
+            big = dev.write(0, memoryview(random.Random(1).randbytes(32 * 4096)))
+            after = dev.write(40 * 4096, memoryview(b"\x11" * 8192))
+            assert isinstance(big, asyncio.Future) and isinstance(after, asyncio.Future)
+            with pytest.raises(NoSpace):
+                await big
+            await after
+            assert read(dev, 40 * 4096, 8192) == b"\x11" * 8192
+        finally:
+            dev.close()
+
+    asyncio.run(run())

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nbdcache.backing import BackingImage
-from nbdcache.device import Device
+from nbdcache.device import OFFLOAD_PAGES, Device
 from nbdcache.tier import DISK, RAM, NoSpace, StoreIOError
 from nbdcache.tier import ram as ram_module
 from nbdcache.tier.ram import RamTier
@@ -131,12 +131,15 @@ def test_every_read_returns_the_last_write(
 ) -> None:
     tmp = tmp_path_factory.mktemp("wb")
     durable = seed % 2 == 0
-    pure = seed % 4 == 3  # one in four runs the pure-Python loops
+    # Runs of two pages or more are encoded on the encoder's thread in 2/3 of
+    # the examples; one in four runs the pure-Python loops.
+    offload = 2 if seed % 3 else OFFLOAD_PAGES
+    pure = seed % 4 == 3
 
     async def run() -> None:
         store = make(tmp, allocator, mode, durable, seed)
         store.adopt_image(preallocated=False)
-        dev = Device(store, SIZE)
+        dev = Device(store, SIZE, offload_pages=offload)
         model = bytearray(SIZE)
         try:
             # Fill well past the arena so writeback runs from the start, in
@@ -191,6 +194,7 @@ def test_every_read_returns_the_last_write(
             store.ram.check()
             assert store.ram.arena.frames_used <= FRAMES
         finally:
+            dev.close()
             await store.close()
             store.ram.close()
 
@@ -348,8 +352,14 @@ def test_a_page_written_through_reads_new_and_keeps_a_newer_rewrite(tmp_path: Pa
     asyncio.run(run())
 
 
-def test_first_write_to_a_full_image_gets_enospc_and_old_data_stays(tmp_path: Path) -> None:
-    """A small real file system: only first writes to holes may fail."""
+@pytest.mark.parametrize("per_write", [1, 16])
+def test_first_write_to_a_full_image_gets_enospc_and_old_data_stays(
+    tmp_path: Path, per_write: int
+) -> None:
+    """A small real file system: only first writes to holes may fail.
+
+    Writes of `per_write` pages; a run of 16 is encoded on the encoder's thread
+    and waits for its blocks as one write, which fails whole."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     if os.system(f"mount -t tmpfs -o size=256k tmpfs {mnt} 2>/dev/null") != 0:
@@ -361,16 +371,21 @@ def test_first_write_to_a_full_image_gets_enospc_and_old_data_stays(tmp_path: Pa
             ram = RamTier(PAGES, FRAMES * 4096, allocator="zbud", overcommit=False)
             store = WritebackStore(ram, image, WritebackPolicy(high=0.75, low=0.5))
             dev = Device(store, SIZE)
-            written = []
+            written: list[int] = []
             error = None
-            for p in range(PAGES):
+            for first in range(0, PAGES, per_write):
+                data = b"".join(page(p, False) for p in range(first, first + per_write))
                 try:
-                    await settle(dev.write(p * 4096, memoryview(page(p, False))))
-                    written.append(p)
+                    await settle(dev.write(first * 4096, memoryview(data)))
+                    written.extend(range(first, first + per_write))
                 except NoSpace as exc:
                     error = exc
                     break
             assert error is not None and 0 < len(written) < PAGES
+            failed = range(len(written), len(written) + per_write)
+            assert await read_all(dev, failed[0] * 4096, per_write * 4096) == bytes(
+                per_write * 4096
+            )
             # NO_HOLE on a page that has no blocks is refused, not promised.
             with pytest.raises(NoSpace):
                 await settle(dev.write_zeroes((PAGES - 1) * 4096, 4096, no_hole=True))
@@ -379,12 +394,46 @@ def test_first_write_to_a_full_image_gets_enospc_and_old_data_stays(tmp_path: Pa
             for p in written:
                 assert await read_all(dev, p * 4096, 4096) == page(p + 1, False)
             assert store.img[written[0]] in (IMG_CLEAN, IMG_DIRTY)
+            dev.close()
             await store.close()
             ram.close()
 
         asyncio.run(run())
     finally:
         os.system(f"umount -l {mnt}")
+
+
+@pytest.mark.parametrize("offload", [4, OFFLOAD_PAGES])
+def test_a_run_that_finds_the_tier_full_is_stored_page_by_page(
+    tmp_path: Path, offload: int
+) -> None:
+    """First writes wait for their blocks as one run; when the run's turn
+    comes the arena has room for only part of it, and the rest is queued
+    again page by page (written through or waiting for writeback)."""
+
+    async def run() -> None:
+        store = make(tmp_path, "zbud", "off", False, 3, frames=8)
+        store.adopt_image(preallocated=False)
+        dev = Device(store, SIZE, offload_pages=offload)
+        model = bytearray(SIZE)
+        try:
+            writes = []
+            for first in range(0, 96, 32):  # three runs of 32 pages, all in flight
+                data = b"".join(page(p + 1000 * first) for p in range(first, first + 32))
+                writes.append(dev.write(first * 4096, memoryview(data)))
+                model[first * 4096 : (first + 32) * 4096] = data
+            for w in writes:
+                await settle(w)
+            assert store.writes_waited >= 96  # each run waited for its blocks
+            assert store.pages_written_back + store.pages_written_through > 0
+            assert await read_all(dev, 0, 96 * 4096) == model[: 96 * 4096]
+            store.ram.check()
+        finally:
+            dev.close()
+            await store.close()
+            store.ram.close()
+
+    asyncio.run(run())
 
 
 @pytest.mark.parametrize("allocator", ["zsmalloc", "z3fold", "zbud"])
