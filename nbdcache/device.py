@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from nbdcache.tier import PAGE_SHIFT, PAGE_SIZE, ZERO_PAGE, PageStore
+from nbdcache.tier import PAGE_SHIFT, PAGE_SIZE, ZERO_PAGE, PageStore, StoreIOError
 from nbdcache.tier.encoder import RunEncoder
 
 if TYPE_CHECKING:
@@ -90,12 +90,19 @@ class Device:
         self.offload_pages = offload_pages
         self._encoder: RunEncoder | None = None
         self._changes: deque[_Change] = deque()
+        self._closed = False
 
     def close(self) -> None:
-        """Stop the encoder's thread; call once no request is in flight."""
+        """Stop the encoder's thread; changes still queued fail (shutdown).
+
+        Writes after this are encoded on the loop again."""
+        changes, self._changes = self._changes, deque()
+        for change in changes:
+            change.done.set_exception(StoreIOError("server shutting down"))
         if self._encoder is not None:
             self._encoder.close()
             self._encoder = None
+        self._closed = True
 
     def read(self, offset: int, length: int) -> Buffers | asyncio.Future[Buffers]:
         """The bytes of [offset, offset+length) as a list of buffers."""
@@ -148,6 +155,7 @@ class Device:
         threshold = self.store.encode_threshold
         if (
             threshold is not None
+            and not self._closed
             and length >= self.offload_pages << PAGE_SHIFT
             and not (offset | length) & _MASK
         ):
@@ -165,7 +173,8 @@ class Device:
     def _run_encoder(self) -> RunEncoder:
         loop = asyncio.get_running_loop()
         if self._encoder is None or self._encoder.loop is not loop:
-            self.close()
+            if self._encoder is not None:  # a device used on another loop since
+                self._encoder.close()
             self._encoder = RunEncoder(loop)
         return self._encoder
 
@@ -250,11 +259,14 @@ class Device:
     def _trim_now(self, offset: int, length: int, fua: bool) -> Outcome:
         first = (offset + _MASK) >> PAGE_SHIFT
         end = (offset + length) >> PAGE_SHIFT
-        if end > first:
-            self.store.discard(first, end - first)
-        if fua and end > first:
-            return self.store.sync_pages(first, end - first)
-        return None
+        if end <= first:
+            return None
+        wait = self.store.discard(first, end - first)
+        if wait is None and not fua:
+            return None
+        return asyncio.ensure_future(
+            self._settle([] if wait is None else [wait], offset, length, fua)
+        )
 
     def write_zeroes(self, offset: int, length: int, no_hole: bool, fua: bool = False) -> Outcome:
         """Make the range read as zeroes; whole pages become ZERO pages."""
@@ -284,7 +296,7 @@ class Device:
                 if r is not None:
                     parts.append(r)
         else:  # a hole reads as zeroes: the same as a trim
-            self.store.discard(first_full, end_full - first_full)
+            parts.append(self.store.discard(first_full, end_full - first_full))
         if end & _MASK:
             parts.append(
                 self._write_now(end_full << PAGE_SHIFT, memoryview(ZERO_PAGE)[: end & _MASK], False)

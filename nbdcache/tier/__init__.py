@@ -111,9 +111,11 @@ class PageStore(Protocol):
         as for `store`.
         """
 
-    def discard(self, first: int, count: int = 1) -> None:
+    def discard(self, first: int, count: int = 1) -> asyncio.Future[None] | None:
         """Make pages [first, first+count) holes (TRIM): frees their storage;
-        they read zeroes.  A whole device is one call, in metadata alone."""
+        they read zeroes.  A whole device is one call, in metadata alone.
+        A store that queues writes returns a future when the trim of some
+        pages must wait behind writes to them queued earlier."""
 
     def zero(self, pgno: int, allocate: bool) -> asyncio.Future[None] | None:
         """Make the page read as zeroes; `allocate` keeps it allocated (NO_HOLE),

@@ -128,9 +128,10 @@ decode(PyObject *self, PyObject *args)
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t done = 0, bad = -1;
-    if (first < 0 || count < 0 || first + count > state.len
-        || (first + count) * 8 > handles.len || count * PAGE_SIZE > out.len
-        || handles.itemsize != 8) {
+    /* Compared by subtraction and division: no sum or product can overflow. */
+    if (first < 0 || count < 0 || first > state.len || count > state.len - first
+        || first > handles.len / 8 || count > handles.len / 8 - first
+        || count > out.len / PAGE_SIZE || handles.itemsize != 8) {
         PyErr_SetString(PyExc_ValueError, "page range outside the table or the output");
         goto end;
     }
@@ -426,9 +427,11 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "nbdcache.tier._pages",
-    "The tier's per-page encode and decode loops over whole requests (see _pages.c).", -1,
-    methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "nbdcache.tier._pages",
+    .m_doc = "The tier's per-page encode and decode loops over whole requests (see _pages.c).",
+    .m_size = -1,
+    .m_methods = methods,
 };
 
 PyMODINIT_FUNC

@@ -256,18 +256,15 @@ class RamTier:
                 word = words[i]
                 self._fill(pgno, SAME if word else ZERO, word)
                 continue
-            if size == PAGE_SIZE:
-                self.codec.incompressible += 1
-                raws.append(pgno)
-                obj = data[start : start + PAGE_SIZE]
-            else:
-                obj = view[start : start + size]
+            raw = size == PAGE_SIZE
+            obj = data[start : start + PAGE_SIZE] if raw else view[start : start + size]
             try:
                 place(pgno, obj, size)
             except ArenaFull:
-                if size == PAGE_SIZE:
-                    raws.pop()
                 return i, raws
+            if raw:
+                self.codec.incompressible += 1
+                raws.append(pgno)
         return count, raws
 
     def _scratch(self, count: int) -> tuple[bytearray, array[int], array[int]]:

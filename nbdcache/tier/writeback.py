@@ -139,7 +139,7 @@ class _Waiter:
 
     pgno: int
     data: bytes
-    start: int  # -1: a whole page; else a patch at this byte
+    start: int  # -1: a whole page, _DISCARD: a trim; else a patch at this byte
     future: asyncio.Future[None]
     base: bytes | None = None  # a patched DISK page's content, once read
     fetching: bool = False  # that read is under way
@@ -148,6 +148,20 @@ class _Waiter:
     timer: asyncio.TimerHandle | None = None  # its `wait_timeout`
     count: int = 1  # pages: a run of whole pages (start -1) has more than one
     encoded: Encoded | None = None  # a run's pages, encoded already
+
+
+#: `_Waiter.start` of a queued trim: the page becomes a hole.
+_DISCARD: Final = -2
+
+
+def _all_done(futures: list[asyncio.Future[None]]) -> asyncio.Future[None]:
+    """One future for several: done when all are, failed with the first error."""
+    if len(futures) == 1:
+        return futures[0]
+    run: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    gathered = asyncio.gather(*futures, return_exceptions=True)
+    gathered.add_done_callback(functools.partial(_settle_run, run))
+    return run
 
 
 def _settle_run(run: asyncio.Future[None], parts: asyncio.Future[list[object]]) -> None:
@@ -394,7 +408,14 @@ class WritebackStore:
         `full` is set) and the futures of the incompressible ones, which go
         on to the image as in `store`."""
         ram = self.ram
-        done, raws = ram.store_pages(first, data, encoded)
+        try:
+            done, raws = ram.store_pages(first, data, encoded)
+        except BaseException:
+            # Only ArenaFull is expected (it ends the run without raising);
+            # whatever else stopped the run, the pages it stored are dirty.
+            stop = first + (len(data) >> PAGE_SHIFT)
+            self.img[first:stop] = self.img[first:stop].replace(b"\x01", b"\x02")
+            raise
         waits: list[asyncio.Future[None]] = []
         if done:
             stop = first + done
@@ -446,7 +467,28 @@ class WritebackStore:
             return self._enqueue(pgno, data, start)
         return None
 
-    def discard(self, first: int, count: int = 1) -> None:
+    def discard(self, first: int, count: int = 1) -> asyncio.Future[None] | None:
+        end = first + count
+        queued = self.queued
+        if queued:
+            if count <= len(queued):
+                waiting = [p for p in range(first, end) if p in queued]
+            else:
+                waiting = sorted(p for p in queued if first <= p < end)
+            if waiting:
+                # Writes to these pages are queued: they would undo the trim
+                # once stored, so it waits behind them there.  The rest of the
+                # range had no earlier write pending and goes now.
+                pos = first
+                for pgno in [*waiting, end]:
+                    if pgno > pos:
+                        self._discard_now(pos, pgno - pos)
+                    pos = pgno + 1
+                return _all_done([self._enqueue(p, b"", _DISCARD) for p in waiting])
+        self._discard_now(first, count)
+        return None
+
+    def _discard_now(self, first: int, count: int) -> None:
         end = first + count
         if count <= len(self.busy):
             for pgno in range(first, end):
@@ -471,6 +513,8 @@ class WritebackStore:
             # NO_HOLE: the blocks must exist before the reply.  A stored zero
             # page is exactly a ZERO page that is allocated.
             return self._enqueue(pgno, ZERO_PAGE, -1)
+        if pgno in self.queued:
+            return self.discard(pgno, 1)  # a hole, behind the queued writes
         self._touch(pgno)
         self.ram.zero(pgno, allocate)
         if self.img[pgno] != IMG_NONE:
@@ -687,6 +731,12 @@ class WritebackStore:
             if w.future.done():  # expired
                 waiters.popleft()
                 continue
+            if w.start == _DISCARD:
+                waiters.popleft()
+                self._unqueue(w)
+                self._discard_now(w.pgno, w.count)
+                w.future.set_result(None)
+                continue
             if w.count > 1:
                 if not self._pump_run(w):
                     return
@@ -760,9 +810,13 @@ class WritebackStore:
         self.waiters.popleft()
         self._unqueue(w)
         self.write_wait_ns += int((time.monotonic() - w.since) * 1e9)
-        done, waits = (
-            (0, []) if self.full else self._store_pages_now(first, memoryview(w.data), w.encoded)
-        )
+        done, waits = 0, list[asyncio.Future[None]]()
+        if not self.full:
+            try:
+                done, waits = self._store_pages_now(first, memoryview(w.data), w.encoded)
+            except StoreError as exc:
+                w.future.set_exception(exc)
+                return True
         if done < count:
             loop = asyncio.get_running_loop()
             left = max(0.0, w.since + self.policy.wait_timeout - time.monotonic())
@@ -776,7 +830,7 @@ class WritebackStore:
         if waits:
             gathered = asyncio.gather(*waits, return_exceptions=True)
             gathered.add_done_callback(functools.partial(_settle_run, w.future))
-        else:
+        elif not w.future.done():
             w.future.set_result(None)
         return True
 
@@ -793,9 +847,12 @@ class WritebackStore:
         for i, w in enumerate(self.waiters):
             if i >= _PREFETCH_SCAN:
                 break
-            if w.pgno in seen:
-                continue
+            if w.future.done():
+                continue  # failed or expired: changes nothing
+            ahead = w.pgno in seen
             seen.update(range(w.pgno, w.pgno + w.count))
+            if ahead:
+                continue
             if (
                 i
                 and w.start >= 0
@@ -851,7 +908,13 @@ class WritebackStore:
             return
         img = self.img
         wanted = sorted(
-            {p for w in self.waiters for p in range(w.pgno, w.pgno + w.count) if img[p] == IMG_NONE}
+            {
+                p
+                for w in self.waiters
+                if w.start != _DISCARD
+                for p in range(w.pgno, w.pgno + w.count)
+                if img[p] == IMG_NONE
+            }
         )
         ranges: list[tuple[int, int]] = []
         for region in sorted({p >> _REGION_SHIFT for p in wanted}):
@@ -898,7 +961,7 @@ class WritebackStore:
             keep: deque[_Waiter] = deque()
             for w in self.waiters:
                 lost = [p for p in range(w.pgno, w.pgno + w.count) if p in failed]
-                if lost:
+                if lost and w.start != _DISCARD:
                     # A run fails whole: none of its pages is stored.
                     self._unqueue(w)
                     if not w.future.done():

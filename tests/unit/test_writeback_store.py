@@ -21,6 +21,7 @@ from nbdcache.backing import BackingImage
 from nbdcache.device import OFFLOAD_PAGES, Device
 from nbdcache.tier import DISK, RAM, NoSpace, StoreIOError
 from nbdcache.tier import ram as ram_module
+from nbdcache.tier import writeback as writeback_module
 from nbdcache.tier.ram import RamTier
 from nbdcache.tier.writeback import IMG_CLEAN, IMG_DIRTY, WritebackPolicy, WritebackStore
 
@@ -144,8 +145,10 @@ def test_every_read_returns_the_last_write(
         try:
             # Fill well past the arena so writeback runs from the start, in
             # bursts that fill the arena, so pages are also written through.
+            # Every fourth 32-page region stays unwritten: its first writes
+            # come later, and wait for their blocks.
             burst = []
-            for p in range(0, PAGES, 3):
+            for p in (p for p in range(0, PAGES, 3) if (p >> 5) % 4 != 3):
                 data = page(p, compressible=p % 7 != 0)
                 burst.append(dev.write(p * 4096, memoryview(data)))
                 model[p * 4096 : (p + 1) * 4096] = data
@@ -155,9 +158,9 @@ def test_every_read_returns_the_last_write(
                     burst = []
             for w in burst:
                 await settle(w)
-            # Consecutive writes are in flight together (overlapping ones too:
-            # the store applies writes to one page in order, so the last one
-            # issued wins); any other operation waits for them first.
+            # Consecutive changes are in flight together (overlapping ones
+            # too: the store applies changes to one page in order, so the last
+            # one issued wins); reads, flushes and pauses wait for them first.
             in_flight: list[object] = []
             for op, first, count, value, flag in ops:
                 off, length = first * 4096, count * 4096
@@ -169,17 +172,19 @@ def test_every_read_returns_the_last_write(
                     in_flight.append(dev.write(off, memoryview(data)))
                     model[off : off + len(data)] = data
                     continue
+                if op == "trim":
+                    in_flight.append(dev.trim(off, length))
+                    model[off : off + length] = bytes(length)
+                    continue
+                if op == "zero":
+                    in_flight.append(dev.write_zeroes(off, length, no_hole=flag))
+                    model[off : off + length] = bytes(length)
+                    continue
                 for w in in_flight:
                     await settle(w)
                 in_flight = []
                 if op == "read":
                     assert await read_all(dev, off, length) == model[off : off + length]
-                elif op == "trim":
-                    dev.trim(off, length)
-                    model[off : off + length] = bytes(length)
-                elif op == "zero":
-                    await settle(dev.write_zeroes(off, length, no_hole=flag))
-                    model[off : off + length] = bytes(length)
                 elif op == "flush" and durable:
                     await settle(dev.flush())
                     with open(tmp / "img", "rb") as f:
@@ -198,13 +203,16 @@ def test_every_read_returns_the_last_write(
             await store.close()
             store.ram.close()
 
-    saved = ram_module.native
+    saved = ram_module.native, writeback_module._REGION_SHIFT
     if pure:
         ram_module.native = None
+    # Reservations by 32 pages instead of 2 MiB: first writes keep coming,
+    # and runs of them wait for their blocks together.
+    writeback_module._REGION_SHIFT = 5
     try:
         asyncio.run(run())
     finally:
-        ram_module.native = saved
+        ram_module.native, writeback_module._REGION_SHIFT = saved
 
 
 def test_a_page_rewritten_during_its_writeback_keeps_the_new_data(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 from array import array
 
 import lz4.block
@@ -193,3 +194,67 @@ def test_the_pure_python_path_stores_and_loads_runs_too(monkeypatch: pytest.Monk
             RamTier(16, PAGE_SIZE).store_run(0, memoryview(data + data))
     finally:
         tier.close()
+
+
+@needs_native
+def test_decode_refuses_a_range_outside_its_buffers() -> None:
+    assert native is not None
+    state, handles, arena = bytearray(4), array("Q", [0] * 4), bytearray(PAGE_SIZE)
+    out = bytearray(4 * PAGE_SIZE)
+    for first, count in ((1 << 62, 1 << 62), (3, 2), (-1, 1), (0, 5)):
+        with pytest.raises(ValueError, match="outside"):
+            native.decode(state, handles, arena, first, count, out)
+    assert native.decode(state, handles, arena, 0, 4, out) == 4
+
+
+@needs_native
+def test_the_encoder_thread_encodes_as_encode_does_and_closes_with_work_pending() -> None:
+    assert native is not None
+    rng = random.Random(3)
+    runs = []
+    for n in range(1, 9):
+        data = b"".join(
+            page_of(rng.choice(["zero", "same", "data", "random"]), rng.randrange(10**6), 2000)
+            for _ in range(n * 4)
+        )
+        runs.append((data, encode_run(data, 3584)))
+    encoder = native.Encoder()
+    try:
+        outputs = []
+        for run_id, (data, _) in enumerate(runs):
+            count = len(data) // PAGE_SIZE
+            bufs = bytearray(len(data)), array("i", [0] * count), array("Q", [0] * count)
+            encoder.submit(run_id, data, 3584, *bufs)
+            outputs.append(bufs)
+        collected: list[int] = []
+        while len(collected) < len(runs):
+            select.select([encoder.fd], [], [], 10)
+            collected += encoder.collect()
+        assert collected == list(range(len(runs)))  # in submission order
+        for (_, (out, sizes, words)), (got_out, got_sizes, got_words) in zip(
+            runs, outputs, strict=True
+        ):
+            assert got_sizes == sizes and got_words == words
+            for i, size in enumerate(sizes):
+                if 0 < size < PAGE_SIZE:
+                    block = slice(i * PAGE_SIZE, i * PAGE_SIZE + size)
+                    assert got_out[block] == out[block]
+        # Closing with runs submitted and not collected finishes them and
+        # lets go of their buffers; the encoder then refuses work.
+        pending = bytearray(len(runs[-1][0]))
+        count = len(pending) // PAGE_SIZE
+        encoder.submit(
+            99, runs[-1][0], 3584, pending, array("i", [0] * count), array("Q", [0] * count)
+        )
+    finally:
+        encoder.close()
+    pending.extend(b"x")  # resizable again: the job let go of it
+    with pytest.raises(ValueError, match="closed"):
+        encoder.submit(
+            100,
+            runs[0][0],
+            3584,
+            bytearray(PAGE_SIZE * 4),
+            array("i", [0] * 4),
+            array("Q", [0] * 4),
+        )
