@@ -152,12 +152,11 @@ class Device:
         other, even when the store has to queue them.
         """
         length = len(data)
-        threshold = self.store.encode_threshold
         if (
-            threshold is not None
-            and not self._closed
-            and length >= self.offload_pages << PAGE_SHIFT
+            length >= self.offload_pages << PAGE_SHIFT
             and not (offset | length) & _MASK
+            and not self._closed
+            and (threshold := self.store.encode_threshold) is not None
         ):
             copy = bytes(data)  # the caller reuses its buffer once this returns
             encoding = self._run_encoder().encode(copy, threshold)
@@ -209,10 +208,18 @@ class Device:
     def _write_now(
         self, offset: int, data: memoryview, fua: bool, encoded: Encoded | None = None
     ) -> Outcome:
+        length = len(data)
+        if length == PAGE_SIZE and not offset & _MASK:
+            # One whole page (swap, 4 KiB random I/O): the common case.
+            r = self.store.store(offset >> PAGE_SHIFT, data)
+            if r is None and not fua:
+                return None
+            return asyncio.ensure_future(
+                self._settle([] if r is None else [r], offset, length, fua)
+            )
         store = self.store.store
         patch = self.store.patch
         waits: list[asyncio.Future[None]] = []
-        length = len(data)
         pos = 0
         while pos < length:
             at = offset + pos

@@ -234,6 +234,8 @@ class WritebackStore:
         self.ram = ram
         self.image = image
         self.policy = policy
+        self._state = ram.table.state  # hot-path shortcuts
+        self._arena = ram.arena
         n = ram.page_count
         self.img = bytearray(n)
         self.busy: dict[int, asyncio.Future[None]] = {}
@@ -538,16 +540,17 @@ class WritebackStore:
 
         Returns whether the page was incompressible (kept raw, made cold)."""
         ram = self.ram
-        ram.store(pgno, data if isinstance(data, bytes | memoryview) else memoryview(data))
-        self._touch(pgno)
+        ram.store(pgno, memoryview(data) if isinstance(data, bytearray) else data)
+        if pgno in self.busy:
+            self.touched.add(pgno)
         self.img[pgno] = IMG_DIRTY
         raw = False
-        if ram.state(pgno) != RAM:
+        if self._state[pgno] != RAM:
             self._offram_changed()
         elif ram.is_raw(pgno):
             ram.make_cold(pgno)  # incompressible: first to go to the image
             raw = True
-        if ram.arena.frames_used >= self._high:
+        if self._arena.frames_used >= self._high:
             self._schedule()
         return raw
 
