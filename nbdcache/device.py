@@ -98,7 +98,8 @@ class Device:
         Writes after this are encoded on the loop again."""
         changes, self._changes = self._changes, deque()
         for change in changes:
-            change.done.set_exception(StoreIOError("server shutting down"))
+            if not change.done.done():
+                change.done.set_exception(StoreIOError("server shutting down"))
         if self._encoder is not None:
             self._encoder.close()
             self._encoder = None

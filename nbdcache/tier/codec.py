@@ -70,17 +70,16 @@ def _load_native() -> ModuleType | None:
         from nbdcache.tier import _pages  # type: ignore[attr-defined]
     except ImportError:
         return None
-    expected = (PAGE_SIZE, HOLE, ZERO, SAME, RAM, DISK)
-    layout = (HANDLE_SHIFT, HANDLE_LENGTH_MASK, HANDLE_SPLIT)
-    got = (_pages.PAGE_SIZE, _pages.HOLE, _pages.ZERO, _pages.SAME, _pages.RAM, _pages.DISK)
-    if got != expected or layout != (
-        _pages.HANDLE_SHIFT,
-        _pages.HANDLE_LENGTH_MASK,
-        _pages.HANDLE_SPLIT,
+    # The build must know this page table and have every entry point.
+    constants = {"PAGE_SIZE": PAGE_SIZE, "HOLE": HOLE, "ZERO": ZERO, "SAME": SAME, "RAM": RAM}
+    constants |= {"DISK": DISK, "HANDLE_SHIFT": HANDLE_SHIFT, "HANDLE_SPLIT": HANDLE_SPLIT}
+    constants["HANDLE_LENGTH_MASK"] = HANDLE_LENGTH_MASK
+    if any(getattr(_pages, name, None) != value for name, value in constants.items()) or not all(
+        hasattr(_pages, name) for name in ("encode", "decode", "Encoder")
     ):
         # A stale build: the pure-Python loops are correct, just slower.
         warnings.warn(
-            f"{_pages.__file__} was built for another page table layout; "
+            f"{_pages.__file__} is from another version of nbdcache; "
             "running without it (reinstall nbdcache to rebuild it)",
             RuntimeWarning,
             stacklevel=2,

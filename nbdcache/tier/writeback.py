@@ -415,8 +415,12 @@ class WritebackStore:
         except BaseException:
             # Only ArenaFull is expected (it ends the run without raising);
             # whatever else stopped the run, the pages it stored are dirty.
-            stop = first + (len(data) >> PAGE_SHIFT)
-            self.img[first:stop] = self.img[first:stop].replace(b"\x01", b"\x02")
+            state = self._state
+            for pgno in range(first, first + (len(data) >> PAGE_SHIFT)):
+                if state[pgno] != DISK and self.img[pgno] == IMG_CLEAN:
+                    self._touch(pgno)
+                    self.img[pgno] = IMG_DIRTY
+            self._offram_changed()
             raise
         waits: list[asyncio.Future[None]] = []
         if done:
@@ -635,7 +639,7 @@ class WritebackStore:
                 if ram.state(pgno) != DISK:
                     self.img[pgno] = IMG_DIRTY
                 continue
-            del self.busy[pgno]
+            self.busy.pop(pgno, None)
             self.through.pop(pgno)
             if not same:
                 # Rewritten, trimmed or zeroed meanwhile: that is newer, and
@@ -820,6 +824,10 @@ class WritebackStore:
             except StoreError as exc:
                 w.future.set_exception(exc)
                 return True
+            except Exception as exc:
+                log.exception("storing a queued run of %d pages at %d failed", count, first)
+                w.future.set_exception(StoreIOError(f"pages {first}+{count}: {exc}"))
+                return True
         if done < count:
             loop = asyncio.get_running_loop()
             left = max(0.0, w.since + self.policy.wait_timeout - time.monotonic())
@@ -863,6 +871,10 @@ class WritebackStore:
                 and not w.fetching
                 and not w.future.done()
                 and w.pgno not in self.punching
+                # No other I/O on the page but a read: a write-through in
+                # flight holds newer data than the image (the head takes it
+                # from `through`), and a second I/O must not take its place.
+                and (w.pgno not in self.busy or w.pgno in self.reads)
                 and self.img[w.pgno] != IMG_NONE
                 and self.ram.state(w.pgno) == DISK
             ):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbdcache.device import Device
-from nbdcache.tier import STATE_HOLE, STATE_ZERO, NoSpace
+from nbdcache.tier import STATE_HOLE, STATE_ZERO, NoSpace, StoreIOError
 from nbdcache.tier.codec import native
 from nbdcache.tier.ram import RamTier
 
@@ -178,5 +178,24 @@ def test_a_failed_offloaded_write_fails_alone() -> None:
             assert read(dev, 40 * 4096, 4096) == newer
         finally:
             dev.close()
+
+    asyncio.run(run())
+
+
+def test_closing_fails_the_changes_still_queued() -> None:
+    if native is None:
+        pytest.skip("nbdcache.tier._pages was not built")
+
+    async def run() -> None:
+        dev = Device(RamTier(64, 1 << 20), 64 * 4096, offload_pages=4)
+        big = dev.write(0, memoryview(random.Random(2).randbytes(32 * 4096)))
+        small = dev.write(40 * 4096, memoryview(b"\x22" * 4096))
+        assert isinstance(big, asyncio.Future) and isinstance(small, asyncio.Future)
+        dev.close()
+        for change in (big, small):
+            with pytest.raises(StoreIOError, match="shutting down"):
+                await change
+        assert read(dev, 40 * 4096, 4096) == bytes(4096)  # never applied
+        assert dev.write(0, memoryview(b"\x33" * 64 * 1024)) is None  # encoded inline now
 
     asyncio.run(run())

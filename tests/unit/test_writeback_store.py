@@ -693,3 +693,74 @@ def test_queued_patches_to_pages_on_disk_read_their_bases_together(tmp_path: Pat
         store.ram.close()
 
     asyncio.run(run())
+
+
+def test_a_trim_waits_behind_a_queued_write_to_its_page(tmp_path: Path) -> None:
+    """A write to a page without image blocks waits for them; a trim of that
+    page sent after it must not be undone when the write is stored."""
+
+    async def run() -> None:
+        store = make(tmp_path, "zbud", "off", False, 1)
+        store.adopt_image(preallocated=False)
+        dev = Device(store, SIZE)
+        try:
+            one = dev.write(244 * 4096, memoryview(page(1)))  # waits for its blocks
+            run_ = dev.write(300 * 4096, memoryview(page(2) + page(3)))  # a run waits too
+            trims = [dev.trim(244 * 4096, 4096), dev.trim(301 * 4096, 2 * 4096)]
+            later = dev.write(302 * 4096, memoryview(page(4)))  # after the trim of 302
+            assert isinstance(one, asyncio.Future) and isinstance(run_, asyncio.Future)
+            assert all(isinstance(t, asyncio.Future) for t in trims)
+            for w in (one, run_, *trims, later):
+                await settle(w)
+            assert await read_all(dev, 244 * 4096, 4096) == bytes(4096)
+            assert await read_all(dev, 300 * 4096, 3 * 4096) == page(2) + bytes(4096) + page(4)
+            assert not store.queued
+        finally:
+            dev.close()
+            await store.close()
+            store.ram.close()
+
+    asyncio.run(run())
+
+
+def test_no_base_is_read_for_a_patch_while_its_page_is_written_through(
+    tmp_path: Path,
+) -> None:
+    """A patch queued behind another waits for its turn; its page's newest
+    content is a write-through still in flight, not what the image holds."""
+
+    async def run() -> None:
+        path = tmp_path / "img"
+        path.write_bytes(b"X" * SIZE)
+        image = DelayedImage(path, SIZE, volatile=False, io_threads=3, seed=1)
+        ram = RamTier(PAGES, 8 * 4096, overcommit=False)
+        store = WritebackStore(ram, image, WritebackPolicy(durable=True, wait_timeout=10))
+        store.adopt_image(preallocated=True)
+        try:
+            assert store.ram.state(1) == DISK
+            image.gate.clear()  # image writes wait
+            store.full = True  # as after a store found the arena full
+            new = bytes(range(256)) * 16
+            through = store.store(1, new)  # straight to the image
+            assert 1 in store.through
+            head = store.patch(2, 0, b"q" * 10)  # a DISK page: its base is read
+            behind = store.patch(1, 100, b"P" * 10)  # must not read page 1's base
+            assert store.reads.get(1) is None
+            image.gate.set()
+            results = await asyncio.wait_for(
+                asyncio.gather(
+                    *(f for f in (through, head, behind) if f is not None),
+                    return_exceptions=True,
+                ),
+                15,
+            )
+            assert results == [None] * len(results)
+            want = bytearray(new)
+            want[100:110] = b"P" * 10
+            got = await settle(store.load(1))
+            assert bytes(got) == bytes(want)
+        finally:
+            await store.close()
+            ram.close()
+
+    asyncio.run(run())
