@@ -212,12 +212,7 @@ class Device:
         length = len(data)
         if length == PAGE_SIZE and not offset & _MASK:
             # One whole page (swap, 4 KiB random I/O): the common case.
-            r = self.store.store(offset >> PAGE_SHIFT, data)
-            if r is None and not fua:
-                return None
-            return asyncio.ensure_future(
-                self._settle([] if r is None else [r], offset, length, fua)
-            )
+            return self._after([self.store.store(offset >> PAGE_SHIFT, data)], offset, length, fua)
         store = self.store.store
         patch = self.store.patch
         waits: list[asyncio.Future[None]] = []
@@ -240,6 +235,12 @@ class Device:
             if r is not None:
                 waits.append(r)
             pos += n
+        return self._after(waits, offset, length, fua)
+
+    def _after(self, parts: Sequence[object], offset: int, length: int, fua: bool) -> Outcome:
+        """None if no part is a future and there is no FUA; else a future that
+        waits for the parts, then makes the range durable (`_settle`)."""
+        waits = [x for x in parts if isinstance(x, asyncio.Future)]
         if waits or fua:
             return asyncio.ensure_future(self._settle(waits, offset, length, fua))
         return None
@@ -269,12 +270,7 @@ class Device:
         end = (offset + length) >> PAGE_SHIFT
         if end <= first:
             return None
-        wait = self.store.discard(first, end - first)
-        if wait is None and not fua:
-            return None
-        return asyncio.ensure_future(
-            self._settle([] if wait is None else [wait], offset, length, fua)
-        )
+        return self._after([self.store.discard(first, end - first)], offset, length, fua)
 
     def write_zeroes(self, offset: int, length: int, no_hole: bool, fua: bool = False) -> Outcome:
         """Make the range read as zeroes; whole pages become ZERO pages."""
@@ -309,10 +305,7 @@ class Device:
             parts.append(
                 self._write_now(end_full << PAGE_SHIFT, memoryview(ZERO_PAGE)[: end & _MASK], False)
             )
-        waits = [x for x in parts if isinstance(x, asyncio.Future)]
-        if waits or fua:
-            return asyncio.ensure_future(self._settle(waits, offset, length, fua))
-        return None
+        return self._after(parts, offset, length, fua)
 
     def flush(self) -> Outcome:
         """Make every completed write durable (only offered by durable stores)."""

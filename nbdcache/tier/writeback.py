@@ -110,7 +110,6 @@ EXCLUSIVE_GETS: Final = ("off", "lazy", "eager")
 _DIRTY_RUN: Final = re.compile(b"\x02+")
 _RETRY_DELAY: Final = 0.5  # seconds before writeback retries after an I/O error
 _FLUSH_CHUNK: Final = 1 << 16  # pages examined per step of a flush
-_DIRTY_PAGES: Final = bytes([IMG_DIRTY]) * 256  # img bytes of a stored run
 _MAX_RUN: Final = 256  # pages per pwritev (1 MiB; IOV_MAX is 1024)
 _REGION_SHIFT: Final = 9  # reservations cover 512-page (2 MiB) regions
 _UNRESERVED_RUN: Final = re.compile(b"\x00+")
@@ -428,9 +427,7 @@ class WritebackStore:
             if self.busy:
                 for pgno in range(first, stop):
                     self._touch(pgno)
-            self.img[first:stop] = (
-                _DIRTY_PAGES[:done] if done <= len(_DIRTY_PAGES) else bytes([IMG_DIRTY]) * done
-            )
+            self.img[first:stop] = bytes([IMG_DIRTY]) * done
             if ram.table.state.count(RAM, first, stop) != done:
                 self._offram_changed()  # zero or same-filled pages
             for pgno in raws:
