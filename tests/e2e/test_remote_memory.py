@@ -38,6 +38,14 @@ def mirror_size(profile: Profile) -> str:
     return "384M" if profile.name == "ci" else profile.size
 
 
+def start_nbdcache(
+    start_server: Callable[..., NbdServer], profile: Profile, size: str, directory: Path
+) -> NbdServer:
+    """An nbdcache server whose backing image lives in `directory` (created here)."""
+    directory.mkdir()
+    return start_server("nbdcache", size, nbdcache_args(profile, directory))
+
+
 def test_striped_swap_over_two_servers(
     guest_image: GuestImage,
     profile: Profile,
@@ -45,12 +53,9 @@ def test_striped_swap_over_two_servers(
     record: Callable[..., None],
     tmp_path: Path,
 ) -> None:
-    servers = []
-    for i in range(2):
-        (tmp_path / f"s{i}").mkdir()
-        servers.append(
-            start_server("nbdcache", profile.size, nbdcache_args(profile, tmp_path / f"s{i}"))
-        )
+    servers = [
+        start_nbdcache(start_server, profile, profile.size, tmp_path / f"s{i}") for i in range(2)
+    ]
     config = GuestConfig(
         memory=profile.memory,
         hog_mib=profile.hog_mib,
@@ -102,11 +107,9 @@ def test_mirror_survives_a_killed_server_and_resyncs_a_fresh_one(
 ) -> None:
     size = mirror_size(profile)
 
-    def nbdcache(name: str) -> NbdServer:
-        (tmp_path / name).mkdir()
-        return start_server("nbdcache", size, nbdcache_args(profile, tmp_path / name))
-
-    survivor, victim = nbdcache("a"), nbdcache("b")
+    survivor, victim = (
+        start_nbdcache(start_server, profile, size, tmp_path / name) for name in "ab"
+    )
     config = GuestConfig(
         memory=profile.memory,
         hog_mib=profile.hog_mib,
@@ -132,8 +135,7 @@ def test_mirror_survives_a_killed_server_and_resyncs_a_fresh_one(
 
     def at_readd(point: str, result: GuestResult) -> None:
         if point == "readd":
-            (tmp_path / "fresh").mkdir()
-            server = start_server("nbdcache", size, nbdcache_args(profile, tmp_path / "fresh"))
+            server = start_nbdcache(start_server, profile, size, tmp_path / "fresh")
             fresh.append(server)
             result.hotplug(server.target)
 
@@ -208,12 +210,10 @@ def test_attach_scripts_stripe_and_mirror(
     image = build_guest(
         {"/usr/local/sbin/attach-swap.sh": ATTACH, "/usr/local/sbin/detach-swap.sh": DETACH}
     )
-    servers = []
-    for i in range(2):
-        (tmp_path / f"s{i}").mkdir()
-        servers.append(
-            start_server("nbdcache", profile.nbd_size, nbdcache_args(profile, tmp_path / f"s{i}"))
-        )
+    servers = [
+        start_nbdcache(start_server, profile, profile.nbd_size, tmp_path / f"s{i}")
+        for i in range(2)
+    ]
     config = GuestConfig(
         memory=profile.nbd_memory,
         hog_mib=profile.nbd_hog_mib,

@@ -15,6 +15,7 @@ before it exits.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -64,24 +65,23 @@ def _add_vm_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_lab_args(p: argparse.ArgumentParser) -> None:
+    """The options of one lab (`run`, `serve`)."""
+    p.add_argument("--kind", choices=("nbdcache", "nbdkit"), default="nbdcache")
+    p.add_argument("--servers", type=int, default=1)
+    p.add_argument("--tier", default="32M", help="nbdcache --ram per server")
+    p.add_argument("--delay-ms", type=float, default=0.0)
+    p.add_argument("--workdir", type=Path)
+    _add_vm_args(p)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nbdlab", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="one VM run on N servers")
-    run.add_argument("--kind", choices=("nbdcache", "nbdkit"), default="nbdcache")
-    run.add_argument("--servers", type=int, default=1)
-    run.add_argument("--tier", default="32M", help="nbdcache --ram per server")
-    run.add_argument("--delay-ms", type=float, default=0.0)
+    _add_lab_args(run)
     run.add_argument("--layout", choices=("stripe", "mirror"), default="stripe")
-    run.add_argument("--workdir", type=Path)
-    _add_vm_args(run)
-    sv = sub.add_parser("serve", help="start the servers (and proxies), print them, wait")
-    sv.add_argument("--kind", choices=("nbdcache", "nbdkit"), default="nbdcache")
-    sv.add_argument("--servers", type=int, default=1)
-    sv.add_argument("--tier", default="32M", help="nbdcache --ram per server")
-    sv.add_argument("--delay-ms", type=float, default=0.0)
-    sv.add_argument("--workdir", type=Path)
-    _add_vm_args(sv)
+    _add_lab_args(sub.add_parser("serve", help="start the servers (and proxies), print them, wait"))
     sw = sub.add_parser("sweep", help="runs over servers x tiers x delays x kinds, to CSV")
     sw.add_argument("--servers", type=_ints, default=[1, 2, 4])
     sw.add_argument("--tiers", type=lambda t: t.split(","), default=["32M"])
@@ -118,17 +118,16 @@ def main(argv: list[str] | None = None) -> int:
         proxy=args.proxy,
     )
     try:
-        if args.command == "serve":
-            spec = RunSpec(
-                **{
-                    **base.__dict__,
-                    "kind": args.kind,
-                    "servers": len(remotes) or args.servers,
-                    "tier": args.tier,
-                    "delay_ms": args.delay_ms,
-                }
+        if args.command in ("serve", "run"):
+            spec = dataclasses.replace(
+                base,
+                kind=args.kind,
+                servers=len(remotes) or args.servers,
+                tier=args.tier,
+                delay_ms=args.delay_ms,
             )
             workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nbdlab-"))
+        if args.command == "serve":
             with Lab(spec, workdir, remotes, echo=sys.stderr) as lab:
                 for target in lab.targets:
                     print(target.qemu_url(), flush=True)
@@ -136,17 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 while True:
                     signal.pause()
         if args.command == "run":
-            spec = RunSpec(
-                **{
-                    **base.__dict__,
-                    "kind": args.kind,
-                    "servers": len(remotes) or args.servers,
-                    "tier": args.tier,
-                    "delay_ms": args.delay_ms,
-                    "layout": args.layout,
-                }
-            )
-            workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nbdlab-"))
+            spec = dataclasses.replace(spec, layout=args.layout)
             with Lab(spec, workdir, remotes, echo=sys.stderr) as lab:
                 result, row = lab.run()
             print(json.dumps(row, indent=1))
