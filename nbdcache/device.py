@@ -166,9 +166,18 @@ class Device:
                 encoding,
             )
         if self._changes:
-            copy = bytes(data)
-            return self._queue(lambda: self._write_now(offset, memoryview(copy), fua))
+            return self._queue_write(offset, data, fua)
         return self._write_now(offset, data, fua)
+
+    def write_page(self, pgno: int, data: memoryview) -> asyncio.Future[Any] | None:
+        """`write` of one whole page without FUA: the store's own answer."""
+        if self._changes:
+            return self._queue_write(pgno << PAGE_SHIFT, data, False)
+        return self.store.store(pgno, data)
+
+    def _queue_write(self, offset: int, data: memoryview, fua: bool) -> asyncio.Future[Any]:
+        copy = bytes(data)  # the caller reuses its buffer once this returns
+        return self._queue(lambda: self._write_now(offset, memoryview(copy), fua))
 
     def _run_encoder(self) -> RunEncoder:
         loop = asyncio.get_running_loop()

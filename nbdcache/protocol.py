@@ -601,27 +601,32 @@ class RequestParser:
         view = memoryview(buf)
         unpack = REQUEST.unpack_from
         hsize = REQUEST.size
-        while end - pos >= hsize and budget > 0 and len(requests) < max_requests:
+        # tuple.__new__ builds the NamedTuple without its Python-level __new__.
+        new = tuple.__new__
+        while end - pos >= hsize and budget > 0 and max_requests:
             magic, flags, type_, cookie, offset, length = unpack(buf, pos)
             if magic != REQUEST_MAGIC:
                 view.release()
                 raise RemoteProtocolError(f"bad request magic {magic:#x}")
+            max_requests -= 1
             if type_ == CMD_WRITE:
                 if length > MAX_PAYLOAD:
-                    requests.append(Request(flags, type_, cookie, offset, length, None))
+                    requests.append(new(Request, (flags, type_, cookie, offset, length, None)))
                     pos += hsize
                     skip = min(length, end - pos)
                     pos += skip
                     self._skip = length - skip
                     break
-                if end - pos - hsize < length:
+                start = pos + hsize
+                if end - start < length:
                     break
-                payload = view[pos + hsize : pos + hsize + length]
-                requests.append(Request(flags, type_, cookie, offset, length, payload))
-                pos += hsize + length
+                pos = start + length
+                requests.append(
+                    new(Request, (flags, type_, cookie, offset, length, view[start:pos]))
+                )
                 budget -= length
             else:
-                requests.append(Request(flags, type_, cookie, offset, length, None))
+                requests.append(new(Request, (flags, type_, cookie, offset, length, None)))
                 pos += hsize
                 if type_ == CMD_READ:
                     budget -= length

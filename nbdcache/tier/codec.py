@@ -24,9 +24,10 @@ nanoseconds).
 
 `native` is the C module `nbdcache.tier._pages` when it was built (it needs
 lz4's headers at install time), else None.  It applies these same rules to a
-whole run of pages in one call (`encode`), and expands runs of pages straight
-into a reply buffer (`decode`); the tier uses it for every request of more
-than one page.  ``NBDCACHE_PURE_PYTHON=1`` in the environment turns it off.
+whole run of pages in one call (`encode`; `encode_page` for one page), and
+expands runs of pages straight into a reply buffer (`decode`); the tier uses
+it for every page it stores and every request of more than one page it
+loads.  ``NBDCACHE_PURE_PYTHON=1`` in the environment turns it off.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def _load_native() -> ModuleType | None:
     constants |= {"DISK": DISK, "HANDLE_SHIFT": HANDLE_SHIFT, "HANDLE_SPLIT": HANDLE_SPLIT}
     constants["HANDLE_LENGTH_MASK"] = HANDLE_LENGTH_MASK
     if any(getattr(_pages, name, None) != value for name, value in constants.items()) or not all(
-        hasattr(_pages, name) for name in ("encode", "decode", "Encoder")
+        hasattr(_pages, name) for name in ("encode", "encode_page", "decode", "Encoder")
     ):
         # A stale build: the pure-Python loops are correct, just slower.
         warnings.warn(

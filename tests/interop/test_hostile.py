@@ -265,6 +265,18 @@ def test_simple_replies_and_export_name(server: Any, raw_nbd: Fixture) -> None:
     assert client.simple_reply(512)[:2] == (EINVAL, 8)
     client.request(CMD_WRITE, 64 * MiB - 1, 2, cookie=9, payload=b"xy")
     assert client.simple_reply()[:2] == (28, 9)  # ENOSPC
+    # Whole pages take a short path in the server: the same checks hold.
+    page = b"\x3c" * 4096
+    client.request(CMD_WRITE, 64 * MiB, 4096, cookie=11, payload=page)
+    assert client.simple_reply()[:2] == (28, 11)  # ENOSPC: past the end
+    client.request(CMD_WRITE, 0, 4096, flags=1 << 10, cookie=12, payload=page)
+    assert client.simple_reply()[:2] == (EINVAL, 12)  # an unknown flag
+    client.request(CMD_WRITE, 64 * MiB - 4096, 4096, cookie=13, payload=page)
+    assert client.simple_reply() == (0, 13, b"")
+    client.request(CMD_READ, 64 * MiB - 4096, 4096, cookie=14)
+    assert client.simple_reply(4096) == (0, 14, page)
+    client.request(CMD_READ, 0, 4096, cookie=15)
+    assert client.simple_reply(4096) == (0, 15, bytes(4096))  # the refused write left no trace
     client.request(CMD_DISC, 0, 0, cookie=10)
     assert client.closed_by_peer()
 

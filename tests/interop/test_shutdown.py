@@ -36,6 +36,8 @@ def test_sigterm_answers_eshutdown_and_rep_err_shutdown(
 
     attached.request(CMD_READ, 0, 4096, cookie=2)
     assert attached.simple_reply(4096)[:2] == (ESHUTDOWN, 2)
+    attached.request(CMD_WRITE, 4096, 4096, cookie=3, payload=b"\xa5" * 4096)
+    assert attached.simple_reply()[:2] == (ESHUTDOWN, 3)
 
     negotiating.sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_LIST, 0))
     magic, option, reply, length = struct.unpack(">QIII", negotiating.recv_exact(20))

@@ -74,6 +74,35 @@ def test_encode_classifies_like_the_codec(
 
 
 @needs_native
+@TIER_SETTINGS
+@given(kind=KINDS, seed=st.integers(0, 10**6), length=st.integers(16, 4000))
+def test_encode_page_answers_as_encode_does_for_one_page(kind: str, seed: int, length: int) -> None:
+    page = page_of(kind, seed, length)
+    out, sizes, _ = encode_run(page, 3584)
+    assert native is not None
+    one = bytearray(PAGE_SIZE)
+    size = native.encode_page(memoryview(page), 3584, one)
+    assert size == sizes[0]
+    if 0 < size < PAGE_SIZE:
+        assert one[:size] == out[:size]
+
+
+@needs_native
+def test_encode_page_refuses_what_is_not_one_page() -> None:
+    assert native is not None
+    for page, threshold, out in (
+        (ZERO_PAGE[:-1], 3584, bytearray(PAGE_SIZE)),
+        (ZERO_PAGE + b"x", 3584, bytearray(PAGE_SIZE)),
+        (ZERO_PAGE, 0, bytearray(PAGE_SIZE)),
+        (ZERO_PAGE, 3584, bytearray(100)),
+    ):
+        with pytest.raises(ValueError):
+            native.encode_page(page, threshold, out)
+    with pytest.raises(BufferError):
+        native.encode_page(ZERO_PAGE, 3584, b"read-only")
+
+
+@needs_native
 def test_a_page_equal_but_for_its_last_byte_is_not_same_filled() -> None:
     page = b"\x07" * (PAGE_SIZE - 1) + b"\x08"
     _, sizes, _ = encode_run(page + ZERO_PAGE, 3584)
@@ -91,6 +120,7 @@ def test_store_pages_leaves_the_tier_as_store_does(
     data = b"".join(page_of(kind, seed, length) for kind, seed, length in pages)
     batched = RamTier(count + 8, 1024 * PAGE_SIZE, allocator=allocator)
     single = RamTier(count + 8, 1024 * PAGE_SIZE, allocator=allocator)
+    single._encode_page = None  # page by page, as the pure-Python path does
     try:
         for tier in (batched, single):  # an earlier copy to overwrite
             tier.store(3, page_of("data", rewrite, 500))
