@@ -34,6 +34,7 @@ from nbdcache.tier import PAGE_SHIFT, PAGE_SIZE, StoreError
 log = logging.getLogger("nbdcache.server")
 
 _PAGE_MASK = PAGE_SIZE - 1
+_CMD_WRITE = p.CMD_WRITE
 #: Reply bytes queued in the transport before the connection stops reading.
 WRITE_HIGH_WATER = 4 << 20
 #: Seconds shutdown waits past the grace for requests still in flight.
@@ -452,24 +453,25 @@ class Connection(asyncio.Protocol):
             # export while not shutting down passes `check_request`: it goes
             # straight to the device (swap and 4 KiB random writes).
             page_writes = 0 if self.server.shutting_down else self.page_writes
+            write_page = device.write_page
+            reply = p.simple_reply
             for req in requests:
-                type_ = req.type
+                flags, type_, cookie, offset, length, payload = req
                 if (
-                    type_ == p.CMD_WRITE
-                    and req.length == PAGE_SIZE
-                    and not req.flags
-                    and not req.offset & _PAGE_MASK
-                    and req.offset < page_writes
+                    type_ == _CMD_WRITE
+                    and length == PAGE_SIZE
+                    and not flags
+                    and not offset & _PAGE_MASK
+                    and offset < page_writes
                 ):
-                    payload = req.payload
                     assert payload is not None
                     try:
-                        result = device.write_page(req.offset >> PAGE_SHIFT, payload)
+                        result = write_page(offset >> PAGE_SHIFT, payload)
                     except Exception as exc:
                         self._failed(req, exc, out)
                         continue
                     if result is None:
-                        out.append(p.simple_reply(req.cookie))
+                        out.append(reply(cookie))
                     else:
                         self._wait(req, result)
                     continue

@@ -159,6 +159,7 @@ class RamTier:
         self._alloc = self.allocator.alloc
         # One page encodes here on the C path, when it compresses with lz4.
         self._encode_page = None if native is None or compressor != "lz4" else native.encode_page
+        self._threshold = self.codec.threshold
         self._page_out = bytearray(PAGE_SIZE)
         self._page_view = memoryview(self._page_out)
         self._scratch_out = bytearray(_SCRATCH_PAGES << PAGE_SHIFT)
@@ -192,15 +193,16 @@ class RamTier:
     def store(self, pgno: int, data: bytes | memoryview) -> None:
         # The write path of every page the client sends: kept flat on purpose.
         if self._encode_page is not None:
-            size = self._encode_page(data, self.codec.threshold, self._page_out)
+            size = self._encode_page(data, self._threshold, self._page_out)
+            place = self._overwrite if self._state[pgno] == RAM else self._place
             if size < 0:
                 word = int.from_bytes(data[:8], "little")
                 self._fill(pgno, SAME if word else ZERO, word)
             elif size == PAGE_SIZE:
-                self._place(pgno, data, PAGE_SIZE)  # copied into the arena
+                place(pgno, data, PAGE_SIZE)  # copied into the arena
                 self.codec.incompressible += 1
             else:
-                self._place(pgno, self._page_view[:size], size)
+                place(pgno, self._page_view[:size], size)
             return
         page = data if type(data) is bytes else bytes(data)
         if len(page) != PAGE_SIZE:
@@ -406,8 +408,12 @@ class RamTier:
             # freeing may move other objects (z3fold) through the table.
             handles[pgno] = handle
             allocator.free(old)
-        else:
-            self._write(handle, obj)
+        elif handle & HANDLE_SPLIT:
+            allocator.write_span(handle >> HANDLE_SHIFT, obj)
+            handles[pgno] = handle
+        else:  # in place, the common case: `_write` inlined
+            addr = handle >> HANDLE_SHIFT
+            self._map[addr : addr + size] = obj
             handles[pgno] = handle
         old_size = old & HANDLE_LENGTH_MASK
         self.compr_data_size += size - old_size
