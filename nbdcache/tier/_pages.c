@@ -11,7 +11,7 @@
  *             size prefix, the incompressible threshold);
  *   decode  - expand a run of pages from the page table and the arena into
  *             one reply buffer (holes, zero and same-filled pages, raw and
- *             lz4 pages that lie in one piece).
+ *             lz4 pages, objects split across two frames included).
  *
  * Allocation, the LRU and every state change stay in Python: this module
  * reads the page table and the arena and writes only the caller's buffers.
@@ -161,26 +161,33 @@ encode_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 PyDoc_STRVAR(decode_doc,
-"decode(state, handles, arena, first, count, out) -> int\n\n"
+"decode(state, handles, arena, first, count, out, spans=None) -> int\n\n"
 "Expand pages first, first+1, ... into out[0:], out[4096:], ... and stop at\n"
 "the first page this path does not serve (DISK, or an object split across\n"
-"frames) or after `count`; returns how many pages were written.  `state`\n"
-"is the page table's state bytes, `handles` its uint64 handles.  Raises\n"
-"ValueError if an lz4 block in the arena does not expand to a page.");
+"frames when `spans` is not given) or after `count`; returns how many pages\n"
+"were written.  `state` is the page table's state bytes, `handles` its\n"
+"uint64 handles; `spans` (int32, one per frame) names the frame that\n"
+"continues each frame, as zsmalloc's zs_next does.  Raises ValueError if\n"
+"an object in the arena does not expand to a page.");
 
 static PyObject *
 decode(PyObject *self, PyObject *args)
 {
-    Py_buffer state, handles, arena, out;
+    Py_buffer state, handles, arena, out, spans = {NULL};
     Py_ssize_t first, count;
-    if (!PyArg_ParseTuple(args, "y*y*y*nnw*", &state, &handles, &arena, &first, &count, &out))
+    PyObject *spans_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "y*y*y*nnw*|O", &state, &handles, &arena, &first, &count, &out,
+                          &spans_obj))
         return NULL;
     PyObject *result = NULL;
+    if (spans_obj != Py_None && PyObject_GetBuffer(spans_obj, &spans, PyBUF_SIMPLE) < 0)
+        goto end;
     Py_ssize_t done = 0, bad = -1;
     /* Compared by subtraction and division: no sum or product can overflow. */
     if (first < 0 || count < 0 || first > state.len || count > state.len - first
         || first > handles.len / 8 || count > handles.len / 8 - first
-        || count > out.len / PAGE_SIZE || handles.itemsize != 8) {
+        || count > out.len / PAGE_SIZE || handles.itemsize != 8
+        || (spans.buf != NULL && spans.itemsize != 4)) {
         PyErr_SetString(PyExc_ValueError, "page range outside the table or the output");
         goto end;
     }
@@ -188,6 +195,9 @@ decode(PyObject *self, PyObject *args)
     const uint64_t *h = handles.buf;
     const char *a = arena.buf;
     char *o = out.buf;
+    const int32_t *next = spans.buf;
+    Py_ssize_t frames = spans.buf != NULL ? spans.len / 4 : 0;
+    char joined[PAGE_SIZE]; /* a split object, made whole */
     Py_BEGIN_ALLOW_THREADS
     for (; done < count; done++) {
         Py_ssize_t pgno = first + done;
@@ -200,17 +210,32 @@ decode(PyObject *self, PyObject *args)
                 memcpy(dst + k, &h[pgno], 8);
         } else if (s == ST_RAM) {
             uint64_t handle = h[pgno];
-            if (handle & HANDLE_SPLIT)
-                break;
             Py_ssize_t size = (Py_ssize_t)(handle & HANDLE_LENGTH_MASK);
             Py_ssize_t addr = (Py_ssize_t)(handle >> HANDLE_SHIFT);
-            if (addr + size > arena.len) {
+            const char *src = a + addr;
+            if (handle & HANDLE_SPLIT) {
+                /* The object runs from its frame's tail into the frame that
+                 * continues it: gather the two pieces (zsmalloc's read_span). */
+                if (next == NULL)
+                    break;
+                Py_ssize_t cut = PAGE_SIZE - (addr % PAGE_SIZE);
+                Py_ssize_t frame = addr / PAGE_SIZE;
+                Py_ssize_t more = frame < frames ? next[frame] : -1;
+                if (size > PAGE_SIZE || cut >= size || addr > arena.len - cut || more < 0
+                    || more > (arena.len - (size - cut)) / PAGE_SIZE) {
+                    bad = pgno;
+                    break;
+                }
+                memcpy(joined, src, cut);
+                memcpy(joined + cut, a + more * PAGE_SIZE, size - cut);
+                src = joined;
+            } else if (size > PAGE_SIZE || addr > arena.len - size) {
                 bad = pgno;
                 break;
             }
             if (size == PAGE_SIZE) {
-                memcpy(dst, a + addr, PAGE_SIZE);
-            } else if (LZ4_decompress_safe(a + addr, dst, (int)size, PAGE_SIZE) != PAGE_SIZE) {
+                memcpy(dst, src, PAGE_SIZE);
+            } else if (LZ4_decompress_safe(src, dst, (int)size, PAGE_SIZE) != PAGE_SIZE) {
                 bad = pgno;
                 break;
             }
@@ -228,6 +253,8 @@ end:
     PyBuffer_Release(&handles);
     PyBuffer_Release(&arena);
     PyBuffer_Release(&out);
+    if (spans.buf != NULL)
+        PyBuffer_Release(&spans);
     return result;
 }
 

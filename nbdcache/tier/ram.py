@@ -160,6 +160,8 @@ class RamTier:
         # One page encodes here on the C path, when it compresses with lz4.
         self._encode_page = None if native is None or compressor != "lz4" else native.encode_page
         self._threshold = self.codec.threshold
+        # Where a split object continues (zsmalloc's frame chains), for `decode`.
+        self._spans = self.allocator.zs_next if isinstance(self.allocator, Zsmalloc) else None
         self._page_out = bytearray(PAGE_SIZE)
         self._page_view = memoryview(self._page_out)
         self._scratch_out = bytearray(_SCRATCH_PAGES << PAGE_SHIFT)
@@ -302,13 +304,14 @@ class RamTier:
         """Pages `first`.. expanded into one buffer while they are in RAM or
         need no arena (HOLE, ZERO, SAME).
 
-        Stops at a DISK page and at an object split across frames
-        (zsmalloc); serves nothing without `codec.native`.
+        Stops at a DISK page; serves nothing without `codec.native`.
         """
         if native is None or self._state[first] == DISK:
             return None, 0
         out = bytearray(count << PAGE_SHIFT)
-        done: int = native.decode(self._state, self._handle, self._map, first, count, out)
+        done: int = native.decode(
+            self._state, self._handle, self._map, first, count, out, self._spans
+        )
         return out, done
 
     def _place(self, pgno: int, obj: bytes | memoryview, size: int) -> None:

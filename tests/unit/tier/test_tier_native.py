@@ -163,21 +163,12 @@ def test_load_run_expands_every_state_as_load_does(allocator: str) -> None:
         assert splits > 0 or allocator != "zsmalloc"
         tier.table.state[count - 1] = DISK  # a page only the image would have
         expected = b"".join(tier.load(pgno) for pgno in range(count - 1))
-        # Expand from every start in turn: each run stops only where it must.
-        pgno = 0
-        while pgno < count - 1:
-            out, done = tier.load_run(pgno, count - 1 - pgno)
-            assert out is not None and done >= 0
-            got = bytes(out[: done * PAGE_SIZE])
-            assert got == expected[pgno * PAGE_SIZE : (pgno + done) * PAGE_SIZE]
-            if done == 0:
-                # Only an object split across frames stops a run at once.
-                assert tier.state(pgno) == RAM and tier._handle[pgno] & HANDLE_SPLIT
-                done = 1
-            pgno += done
+        # From every start, a run expands everything up to the DISK page.
+        for pgno in range(count - 1):
+            out, done = tier.load_run(pgno, count - pgno)
+            assert out is not None and done == count - 1 - pgno
+            assert out[: done * PAGE_SIZE] == expected[pgno * PAGE_SIZE :]
         assert tier.load_run(count - 1, 1) == (None, 0)
-        out, done = tier.load_run(count - 2, 2)
-        assert done == 1 or tier._handle[count - 2] & HANDLE_SPLIT
     finally:
         tier.table.state[count - 1] = 0
         tier.close()
@@ -222,6 +213,33 @@ def test_the_pure_python_path_stores_and_loads_runs_too(monkeypatch: pytest.Monk
         assert b"".join(tier.load(p) for p in range(4)) == data
         with pytest.raises(NoSpace):
             RamTier(16, PAGE_SIZE).store_run(0, memoryview(data + data))
+    finally:
+        tier.close()
+
+
+@needs_native
+def test_a_split_object_whose_chain_is_damaged_is_an_error_not_garbage() -> None:
+    tier = RamTier(64, 64 * PAGE_SIZE, allocator="zsmalloc")
+    try:
+        # Objects of 3000 bytes cross frame ends; chain the frames apart.
+        zs = tier.allocator
+        for pgno in range(0, 16, 2):
+            tier.store(pgno, page_of("random", pgno, 0))
+        for pgno in range(0, 16, 2):
+            tier.discard(pgno)
+        for pgno in range(16, 40):
+            tier.store(pgno, page_of("data", pgno, 3000))
+        split = [p for p in range(64) if tier.state(p) == RAM and tier._handle[p] & HANDLE_SPLIT]
+        assert split, "no object was split across frames"
+        pgno = split[0]
+        frame = (tier._handle[pgno] >> HANDLE_SHIFT) // PAGE_SIZE
+        assert tier.load_run(pgno, 1)[0] == tier.load(pgno)
+        saved = zs.zs_next[frame]
+        for bad in (-1, tier.arena.frame_count, 1 << 30):
+            zs.zs_next[frame] = bad
+            with pytest.raises(ValueError, match=f"page {pgno}"):
+                tier.load_run(pgno, 1)
+        zs.zs_next[frame] = saved
     finally:
         tier.close()
 
