@@ -267,6 +267,7 @@ end:
  */
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -346,7 +347,13 @@ Encoder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     pthread_mutex_init(&e->lock, NULL);
     pthread_cond_init(&e->wake, NULL);
+    /* The thread starts with every signal blocked, so signals (SIGTERM,
+     * SIGHUP for reload) reach the interpreter's threads, never this one. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
     int err = pthread_create(&e->thread, NULL, encoder_thread, e);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (err) {
         errno = err;
         PyErr_SetFromErrno(PyExc_OSError);

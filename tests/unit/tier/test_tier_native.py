@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import select
+import signal
 from array import array
 
 import lz4.block
@@ -306,3 +307,30 @@ def test_the_encoder_thread_encodes_as_encode_does_and_closes_with_work_pending(
             array("i", [0] * 4),
             array("Q", [0] * 4),
         )
+
+
+def _threads() -> dict[str, int]:
+    """This process's threads and the signals each blocks (a bit mask)."""
+    out = {}
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/status") as f:
+            for line in f:
+                if line.startswith("SigBlk:"):
+                    out[task] = int(line.split()[1], 16)
+    return out
+
+
+@needs_native
+def test_signals_never_land_on_the_encoder_thread() -> None:
+    """SIGTERM and SIGHUP must reach the interpreter (shutdown, reload)."""
+    assert native is not None
+    before = _threads()
+    encoder = native.Encoder()
+    try:
+        new = {task: mask for task, mask in _threads().items() if task not in before}
+        assert len(new) == 1, "the encoder runs on one thread of its own"
+        (mask,) = new.values()
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            assert mask >> (sig - 1) & 1, f"{sig.name} is not blocked on the encoder thread"
+    finally:
+        encoder.close()
