@@ -603,7 +603,7 @@ class RequestParser:
         hsize = REQUEST.size
         # tuple.__new__ builds the NamedTuple without its Python-level __new__.
         new = tuple.__new__
-        while end - pos >= hsize and budget > 0 and max_requests:
+        while end - pos >= hsize and budget > 0 and max_requests > 0:
             magic, flags, type_, cookie, offset, length = unpack(buf, pos)
             if magic != REQUEST_MAGIC:
                 view.release()

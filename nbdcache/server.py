@@ -432,7 +432,9 @@ class Connection(asyncio.Protocol):
         """Answer every complete request in the buffer, within the budget."""
         transport = self.transport
         device = self.device
-        assert transport is not None and device is not None
+        if device is None:  # negotiating (`resume_writing`): no requests yet
+            return
+        assert transport is not None
         while not (self.write_paused or self.closing or self.draining):
             if (
                 self.inflight_bytes >= self.server.max_inflight_bytes

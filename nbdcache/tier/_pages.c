@@ -141,6 +141,9 @@ encode_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "threshold must be in 1..4095");
     } else if (out.len < threshold) {
         PyErr_SetString(PyExc_ValueError, "output buffer is smaller than the threshold");
+    } else if ((char *)out.buf < (char *)src.buf + src.len
+               && (char *)src.buf < (char *)out.buf + out.len) {
+        PyErr_SetString(PyExc_ValueError, "the output overlaps the page");
     } else {
         uint64_t word;
         int size;
@@ -180,14 +183,21 @@ decode(PyObject *self, PyObject *args)
                           &spans_obj))
         return NULL;
     PyObject *result = NULL;
-    if (spans_obj != Py_None && PyObject_GetBuffer(spans_obj, &spans, PyBUF_SIMPLE) < 0)
-        goto end;
+    int have_spans = 0;
     Py_ssize_t done = 0, bad = -1;
+    if (spans_obj != Py_None) {
+        if (PyObject_GetBuffer(spans_obj, &spans, PyBUF_SIMPLE) < 0)
+            goto end;
+        have_spans = 1;
+        if (spans.itemsize != 4) {
+            PyErr_SetString(PyExc_ValueError, "spans must be a buffer of int32");
+            goto end;
+        }
+    }
     /* Compared by subtraction and division: no sum or product can overflow. */
     if (first < 0 || count < 0 || first > state.len || count > state.len - first
         || first > handles.len / 8 || count > handles.len / 8 - first
-        || count > out.len / PAGE_SIZE || handles.itemsize != 8
-        || (spans.buf != NULL && spans.itemsize != 4)) {
+        || count > out.len / PAGE_SIZE || handles.itemsize != 8) {
         PyErr_SetString(PyExc_ValueError, "page range outside the table or the output");
         goto end;
     }
@@ -195,8 +205,8 @@ decode(PyObject *self, PyObject *args)
     const uint64_t *h = handles.buf;
     const char *a = arena.buf;
     char *o = out.buf;
-    const int32_t *next = spans.buf;
-    Py_ssize_t frames = spans.buf != NULL ? spans.len / 4 : 0;
+    const int32_t *next = have_spans ? spans.buf : NULL;
+    Py_ssize_t frames = have_spans ? spans.len / 4 : 0;
     char joined[PAGE_SIZE]; /* a split object, made whole */
     Py_BEGIN_ALLOW_THREADS
     for (; done < count; done++) {
@@ -253,7 +263,7 @@ end:
     PyBuffer_Release(&handles);
     PyBuffer_Release(&arena);
     PyBuffer_Release(&out);
-    if (spans.buf != NULL)
+    if (have_spans)
         PyBuffer_Release(&spans);
     return result;
 }

@@ -131,14 +131,14 @@ def decompress_page(src: bytes | memoryview) -> bytes:
 
 
 class Codec:
-    """Compression with the incompressible rule, and its counters.
+    """Compression with the incompressible rule.
 
     `encode(page)` returns either the compressed block (at most `threshold`
     bytes) or `page` itself, which the tier stores raw; the two are told apart
     by length (`PAGE_SIZE` means raw, since `threshold < PAGE_SIZE`).
     """
 
-    __slots__ = ("compressor", "encode", "incompressible", "threshold")
+    __slots__ = ("compressor", "encode", "threshold")
 
     def __init__(
         self,
@@ -154,8 +154,6 @@ class Codec:
             )
         self.compressor = compressor
         self.threshold = threshold
-        #: Pages kept raw because lz4 could not bring them under the threshold.
-        self.incompressible = 0
         self.encode: Callable[[bytes], bytes] = (
             self._encode_lz4 if compressor == "lz4" else _encode_none
         )
@@ -163,7 +161,6 @@ class Codec:
     def _encode_lz4(self, page: bytes) -> bytes:
         out: bytes = _compress(page, "default", False)  # no size prefix
         if len(out) > self.threshold:
-            self.incompressible += 1
             return page
         return out
 

@@ -147,6 +147,7 @@ class RamTier:
         # Write-path counters (the rest is derived in `stats`).
         self.compr_data_size = 0  # payload bytes of RAM pages
         self.huge_pages = 0  # RAM pages kept raw
+        self.incompressible = 0  # pages stored raw because lz4 gave up, ever
         self.alloc_failures = 0
         self.enospc_errors = 0
         self.eio_errors = 0
@@ -202,7 +203,7 @@ class RamTier:
                 self._fill(pgno, SAME if word else ZERO, word)
             elif size == PAGE_SIZE:
                 place(pgno, data, PAGE_SIZE)  # copied into the arena
-                self.codec.incompressible += 1
+                self.incompressible += 1
             else:
                 place(pgno, self._page_view[:size], size)
             return
@@ -218,6 +219,8 @@ class RamTier:
                 return
         obj = self._encode(page)
         self._place(pgno, obj, len(obj))
+        if len(obj) == PAGE_SIZE and self.codec.compressor == "lz4":
+            self.incompressible += 1
 
     @property
     def encode_threshold(self) -> int | None:
@@ -282,7 +285,7 @@ class RamTier:
             except ArenaFull:
                 return i, raws
             if raw:
-                self.codec.incompressible += 1
+                self.incompressible += 1
                 raws.append(pgno)
         return count, raws
 
@@ -509,7 +512,7 @@ class RamTier:
             "same_pages": table.count(SAME),
             "disk_pages": table.count(DISK),
             "huge_pages": self.huge_pages,
-            "huge_pages_since": self.codec.incompressible,
+            "huge_pages_since": self.incompressible,
             "orig_data_size": stored * PAGE_SIZE,
             "compr_data_size": self.compr_data_size,
             "mem_used_total": arena.frames_used * PAGE_SIZE,

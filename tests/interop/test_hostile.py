@@ -14,6 +14,8 @@ import select
 import socket
 import struct
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ Fixture = Callable[..., Any]
 MiB = 1024 * 1024
 IHAVEOPT = 0x49484156454F5054
 OPT_GO = 7
+OPT_LIST = 3
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_TRIM, CMD_WRITE_ZEROES = 0, 1, 2, 4, 6
 EINVAL = 22
 ANSWER_TIMEOUT = 60.0  # a hang guard, not a speed requirement
@@ -142,6 +145,31 @@ def test_huge_option_length_then_vanish(attached: Any, nbdsh: Fixture) -> None:
         bad.sock.sendall(b"\x00" * (256 * 1024))
     abort_with_reset(bad.sock)
     others_unaffected(server, good, nbdsh)
+
+
+def test_options_flood_with_replies_unread(attached: Any, nbdsh: Fixture) -> None:
+    """Replies pile up past the write buffer's limit while the client does not
+    read, then drain: the handshake just goes on, with nothing in the log."""
+    server, good, raw_nbd = attached
+    bad = raw_nbd(server)
+    bad.greeting()
+    bad.sock.sendall(struct.pack(">L", 3))
+    flood = threading.Thread(
+        target=bad.sock.sendall, args=(struct.pack(">QLL", IHAVEOPT, OPT_LIST, 0) * 200_000,)
+    )
+    flood.start()
+    time.sleep(1)  # the server stops reading once its replies pass 4 MiB
+    bad.sock.settimeout(2)
+    received = 0
+    with contextlib.suppress(TimeoutError):
+        while chunk := bad.sock.recv(1 << 20):
+            received += len(chunk)
+    flood.join(ANSWER_TIMEOUT)
+    assert received > 4 * MiB, "the option replies did not pile up"
+    abort_with_reset(bad.sock)
+    others_unaffected(server, good, nbdsh)
+    log = server.log()
+    assert "Traceback" not in log and "failed" not in log, log[-4000:]
 
 
 def test_wrong_request_magic(attached: Any, nbdsh: Fixture) -> None:

@@ -64,14 +64,11 @@ def test_lz4_round_trip(seed: int, length: int) -> None:
         assert decompress_page(out) == page
 
 
-def test_incompressible_page_is_kept_raw_and_counted() -> None:
+def test_incompressible_page_is_kept_raw() -> None:
     codec = Codec("lz4")
     page = os.urandom(PAGE_SIZE)
     assert codec.encode(page) is page
-    assert codec.incompressible == 1
-    # A compressible page is not counted.
-    codec.encode(b"x" * PAGE_SIZE)
-    assert codec.incompressible == 1
+    assert len(codec.encode(b"x" * PAGE_SIZE)) < 100
 
 
 def test_threshold_decides_what_is_incompressible() -> None:
@@ -79,15 +76,14 @@ def test_threshold_decides_what_is_incompressible() -> None:
     compressed = len(Codec("lz4").encode(page))
     assert 1500 <= compressed < 1700
     strict = Codec("lz4", threshold=compressed - 1)
-    assert strict.encode(page) is page and strict.incompressible == 1
+    assert strict.encode(page) is page
     assert len(Codec("lz4", threshold=compressed).encode(page)) == compressed
 
 
-def test_compressor_none_stores_raw_and_counts_nothing() -> None:
+def test_compressor_none_stores_raw() -> None:
     codec = Codec("none")
     page = b"y" * PAGE_SIZE
     assert codec.encode(page) is page
-    assert codec.incompressible == 0
 
 
 @pytest.mark.parametrize("threshold", [0, -1, PAGE_SIZE, PAGE_SIZE - 1])

@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tier_helpers import TIER_SETTINGS, page_of
 
-from nbdcache.tier import DISK, PAGE_SIZE, RAM, ZERO_PAGE, NoSpace
+from nbdcache.tier import DISK, PAGE_SIZE, RAM, ZERO_PAGE, NoSpace, StoreError
 from nbdcache.tier import ram as ram_module
 from nbdcache.tier.arena import HANDLE_LENGTH_MASK, HANDLE_SHIFT, HANDLE_SPLIT, ArenaFull
 from nbdcache.tier.codec import Codec, filled_word, native
@@ -101,6 +101,56 @@ def test_encode_page_refuses_what_is_not_one_page() -> None:
             native.encode_page(page, threshold, out)
     with pytest.raises(BufferError):
         native.encode_page(ZERO_PAGE, 3584, b"read-only")
+    both = bytearray(2 * PAGE_SIZE)
+    with pytest.raises(ValueError, match="overlaps"):
+        native.encode_page(memoryview(both)[:PAGE_SIZE], 3584, memoryview(both)[100:])
+    assert (
+        native.encode_page(memoryview(both)[:PAGE_SIZE], 3584, memoryview(both)[PAGE_SIZE:]) == -1
+    )
+
+
+@needs_native
+@pytest.mark.parametrize("allocator", list(ALLOCATORS))
+@pytest.mark.parametrize("overcommit", [True, False])
+def test_one_page_stores_alike_on_both_paths_through_failures(
+    allocator: str, overcommit: bool
+) -> None:
+    """`store` with `encode_page` and without: the same pages, the same
+    errors and the same counters, with the arena full most of the time."""
+    rng = random.Random(allocator + str(overcommit))
+    kinds = ["zero", "same", "random", "data", "data"]
+    native_path = RamTier(128, 24 * PAGE_SIZE, allocator=allocator, overcommit=overcommit)
+    pure_path = RamTier(128, 24 * PAGE_SIZE, allocator=allocator, overcommit=overcommit)
+    pure_path._encode_page = None
+    tiers = (native_path, pure_path)
+    try:
+        for step in range(600):
+            pgno = rng.randrange(128)
+            page = page_of(rng.choice(kinds), rng.randrange(10**6), rng.randrange(16, 4000))
+            action = rng.random()
+            outcomes = []
+            for tier in tiers:
+                try:
+                    if action < 0.1:
+                        tier.discard(pgno)
+                    elif action < 0.15:
+                        tier.compact()
+                    else:  # a view of a buffer the caller reuses, as the server passes
+                        tier.store(pgno, memoryview(bytearray(page)))
+                    outcomes.append("ok")
+                except (StoreError, ArenaFull) as exc:
+                    outcomes.append(type(exc).__name__)
+            assert outcomes[0] == outcomes[1], f"step {step}"
+            assert native_path.stats() == pure_path.stats(), f"step {step}"
+            if step % 50 == 0:
+                for p in range(128):
+                    assert native_path.load(p) == pure_path.load(p), f"page {p} at step {step}"
+        assert native_path.stats()["alloc_failures"] > 0, "the arena never filled up"
+        native_path.check()
+        pure_path.check()
+    finally:
+        for tier in tiers:
+            tier.close()
 
 
 @needs_native
@@ -254,6 +304,9 @@ def test_decode_refuses_a_range_outside_its_buffers() -> None:
         with pytest.raises(ValueError, match="outside"):
             native.decode(state, handles, arena, first, count, out)
     assert native.decode(state, handles, arena, 0, 4, out) == 4
+    with pytest.raises(ValueError, match="int32"):
+        native.decode(state, handles, arena, 0, 4, out, array("q", [0]))
+    assert native.decode(state, handles, arena, 0, 4, out, array("i", [-1])) == 4
 
 
 @needs_native
