@@ -588,7 +588,10 @@ class RequestParser:
         self._skip = 0
 
     def parse(
-        self, buf: bytearray, budget: int = MAX_PAYLOAD, max_requests: int = 1 << 30
+        self,
+        buf: bytes | bytearray | memoryview,
+        budget: int = MAX_PAYLOAD,
+        max_requests: int = 1 << 30,
     ) -> tuple[list[Request], int]:
         requests: list[Request] = []
         pos = 0

@@ -1,9 +1,14 @@
-"""asyncio glue: listeners, one `asyncio.Protocol` per connection, flow
-control and shutdown.
+"""asyncio glue: listeners, one `asyncio.BufferedProtocol` per connection,
+flow control and shutdown.
 
-The hot path follows the brief: each `data_received` parses every complete
-request in the buffer, answers them synchronously from the store and sends
-all replies with one `writelines`; there is no Task or future per request.
+The hot path follows the brief: each read parses every complete request in
+the buffer, answers them synchronously from the store and sends all replies
+with one `writelines`; there is no Task or future per request.  The socket
+is read into one receive buffer the whole server shares (`NBDServer.rbuf`),
+and requests are parsed and served where they lie: a write's payload goes
+from there straight to the store.  Only what a read leaves unparsed (a
+partial request, or requests past the batch's budget) is copied, into the
+connection's own buffer.
 Replies to a batch are bounded (`max_inflight_bytes`): when the transport's
 buffer passes its high-water mark the connection stops reading until the
 client drains it.  A misbehaving client only ever loses its own connection.
@@ -37,6 +42,8 @@ _PAGE_MASK = PAGE_SIZE - 1
 _CMD_WRITE = p.CMD_WRITE
 #: Reply bytes queued in the transport before the connection stops reading.
 WRITE_HIGH_WATER = 4 << 20
+#: The most bytes one read takes from a socket (the receive buffer's size).
+READ_SIZE = 256 << 10
 #: Seconds shutdown waits past the grace for requests still in flight.
 INFLIGHT_SHUTDOWN_LIMIT = 60.0
 
@@ -88,6 +95,10 @@ class NBDServer:
         self.connections_total = 0
         self.connections_dropped = 0  # for breaking the protocol or by us
         self._listeners: list[asyncio.base_events.Server] = []
+        # Every connection reads into this, one at a time: a transport fills
+        # it and hands it back (`get_buffer`, `buffer_updated`) within one
+        # callback, and a connection keeps no view of it past that.
+        self.rbuf = memoryview(bytearray(READ_SIZE))
         self._all_closed = asyncio.Event()
         self._all_closed.set()
 
@@ -179,7 +190,7 @@ class NBDServer:
             await srv.wait_closed()
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     """One client: the handshake, then the transmission phase."""
 
     def __init__(self, server: NBDServer) -> None:
@@ -197,7 +208,7 @@ class Connection(asyncio.Protocol):
         self.neg: p.Negotiated | None = None
         self.device: Device | None = None
         self.page_writes = 0  # whole-page writes below this offset take the short path
-        self.buf = bytearray()
+        self.buf = bytearray()  # input not served yet, when there is any
         self.parser = p.RequestParser()
         self.write_paused = False
         self.closing = False
@@ -265,7 +276,13 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
             self._process()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.server.rbuf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self.server.rbuf[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.closing:
             return
         self.seen = True
@@ -276,10 +293,12 @@ class Connection(asyncio.Protocol):
             return
         try:
             if self.neg is None:
-                self._handshake(data)
-            else:
+                self._handshake(bytes(data))
+            elif self.buf:  # behind a partial request, or paused
                 self.buf += data
                 self._process()
+            else:
+                self._process(data)
         except p.RemoteProtocolError as exc:
             self.abort(f"protocol error: {exc}")
         except Exception:
@@ -428,73 +447,95 @@ class Connection(asyncio.Protocol):
 
     # --- transmission ---------------------------------------------------------
 
-    def _process(self) -> None:
-        """Answer every complete request in the buffer, within the budget."""
+    def _process(self, data: bytes | memoryview | None = None) -> None:
+        """Answer every complete request in the buffer, within the budget.
+
+        `data`, given while `buf` is empty, is new input (a view of the
+        receive buffer): it is served where it lies, and what is left of it
+        is copied to `buf` before this returns.
+        """
         transport = self.transport
         device = self.device
         if device is None:  # negotiating (`resume_writing`): no requests yet
             return
         assert transport is not None
-        while not (self.write_paused or self.closing or self.draining):
-            if (
-                self.inflight_bytes >= self.server.max_inflight_bytes
-                or self.inflight >= self.server.max_inflight_requests
-            ):
-                self.store_paused = True
-                transport.pause_reading()
-                return
-            budget = self.server.max_inflight_bytes - self.inflight_bytes
-            requests, consumed = self.parser.parse(
-                self.buf, budget, self.server.max_inflight_requests - self.inflight
-            )
-            if not consumed:
-                return
-            out: list[bytes | memoryview] = []
-            disconnect = False
-            # A whole-page write without flags, in bounds, to a writable
-            # export while not shutting down passes `check_request`: it goes
-            # straight to the device (swap and 4 KiB random writes).
-            page_writes = 0 if self.server.shutting_down else self.page_writes
-            write_page = device.write_page
-            reply = p.simple_reply
-            for req in requests:
-                flags, type_, cookie, offset, length, payload = req
+        src = self.buf if data is None else data
+        pos = 0  # of `data`, consumed
+        try:
+            while not (self.write_paused or self.closing or self.draining):
                 if (
-                    type_ == _CMD_WRITE
-                    and length == PAGE_SIZE
-                    and not flags
-                    and not offset & _PAGE_MASK
-                    and offset < page_writes
+                    self.inflight_bytes >= self.server.max_inflight_bytes
+                    or self.inflight >= self.server.max_inflight_requests
                 ):
-                    assert payload is not None
-                    try:
-                        result = write_page(offset >> PAGE_SHIFT, payload)
-                    except Exception as exc:
-                        self._failed(req, exc, out)
-                        continue
-                    if result is None:
-                        out.append(reply(cookie))
-                    else:
-                        self._wait(req, result)
+                    self.store_paused = True
+                    transport.pause_reading()
+                    return
+                budget = self.server.max_inflight_bytes - self.inflight_bytes
+                requests, consumed = self.parser.parse(
+                    src[pos:] if pos else src,
+                    budget,
+                    self.server.max_inflight_requests - self.inflight,
+                )
+                if not consumed:
+                    return
+                disconnect = self._batch(requests, device)
+                if data is None:
+                    del self.buf[:consumed]
+                else:
+                    pos += consumed
+                if disconnect:
+                    # NBD_CMD_DISC: finish what is in flight, then close.
+                    self.draining = True
+                    transport.pause_reading()
+                    if not self.inflight:
+                        self._finish_disconnect()
+                    return
+        finally:
+            if data is not None and pos < len(data):
+                self.buf += data[pos:]
+
+    def _batch(self, requests: list[p.Request], device: Device) -> bool:
+        """Answer one parsed batch with one `writelines`; True at NBD_CMD_DISC."""
+        out: list[bytes | memoryview] = []
+        disconnect = False
+        # A whole-page write without flags, in bounds, to a writable
+        # export while not shutting down passes `check_request`: it goes
+        # straight to the device (swap and 4 KiB random writes).
+        page_writes = 0 if self.server.shutting_down else self.page_writes
+        write_page = device.write_page
+        reply = p.simple_reply
+        for req in requests:
+            flags, type_, cookie, offset, length, payload = req
+            if (
+                type_ == _CMD_WRITE
+                and length == PAGE_SIZE
+                and not flags
+                and not offset & _PAGE_MASK
+                and offset < page_writes
+            ):
+                assert payload is not None
+                try:
+                    result = write_page(offset >> PAGE_SHIFT, payload)
+                except Exception as exc:
+                    self._failed(req, exc, out)
                     continue
-                if type_ == p.CMD_DISC:
-                    disconnect = True
-                    break
-                self._execute(req, out)
-            for req in requests:
-                if req.payload is not None:
-                    req.payload.release()
-            del requests
-            del self.buf[:consumed]
-            if out:
-                transport.writelines(out)
-            if disconnect:
-                # NBD_CMD_DISC: finish what is in flight, then close.
-                self.draining = True
-                transport.pause_reading()
-                if not self.inflight:
-                    self._finish_disconnect()
-                return
+                if result is None:
+                    out.append(reply(cookie))
+                else:
+                    self._wait(req, result)
+                continue
+            if type_ == p.CMD_DISC:
+                disconnect = True
+                break
+            self._execute(req, out)
+        # No view of the input outlives the batch: the input changes next.
+        for req in requests:
+            if req.payload is not None:
+                req.payload.release()
+        if out:
+            assert self.transport is not None
+            self.transport.writelines(out)
+        return disconnect
 
     def _finish_disconnect(self) -> None:
         log.debug("%s: client disconnected", self.peer)
