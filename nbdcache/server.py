@@ -291,19 +291,20 @@ class Connection(asyncio.BufferedProtocol):
             # the first TLS-era options: they wait for `tls_started`.
             self.tls_early += data
             return
-        try:
-            if self.neg is None:
+        if self.neg is None:
+            try:
                 self._handshake(bytes(data))
-            elif self.buf:  # behind a partial request, or paused
-                self.buf += data
-                self._process()
-            else:
-                self._process(data)
-        except p.RemoteProtocolError as exc:
-            self.abort(f"protocol error: {exc}")
-        except Exception:
-            log.exception("%s: internal error, dropping the connection", self.peer)
-            self.abort("internal error")
+            except p.RemoteProtocolError as exc:
+                self.abort(f"protocol error: {exc}")
+            except Exception:
+                log.exception("%s: internal error, dropping the connection", self.peer)
+                self.abort("internal error")
+            return
+        if self.buf:  # behind a partial request, or paused
+            self.buf += data
+            self._process()
+        else:
+            self._process(data)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -490,6 +491,11 @@ class Connection(asyncio.BufferedProtocol):
                     if not self.inflight:
                         self._finish_disconnect()
                     return
+        except p.RemoteProtocolError as exc:
+            self.abort(f"protocol error: {exc}")
+        except Exception:
+            log.exception("%s: internal error, dropping the connection", self.peer)
+            self.abort("internal error")
         finally:
             if data is not None and pos < len(data):
                 self.buf += data[pos:]

@@ -355,6 +355,55 @@ def test_requests_split_into_small_pieces(server: Any, raw_nbd: Fixture) -> None
     assert client.simple_reply(310) == (0, 6, bytes(5) + other + bytes(5))
 
 
+def test_requests_left_unread_while_paused_survive_other_clients(
+    server: Any, raw_nbd: Fixture
+) -> None:
+    """The server stops reading a client whose replies pile up, with some of
+    its requests read but not yet served; other clients' traffic meanwhile
+    must not change them (reads go through one buffer the server shares)."""
+    stalled, other = raw_nbd(server), raw_nbd(server)
+    stalled.handshake()
+    other.handshake()
+    # 20 reads of 1 MiB pass the 16 MiB a batch may read; writes follow them.
+    batch = b"".join(
+        stalled.request_header(CMD_READ, 0, MiB, cookie=i) for i in range(20)
+    ) + b"".join(
+        stalled.request_header(CMD_WRITE, (8 + i) * MiB, 4096, cookie=100 + i)
+        + bytes([i + 1]) * 4096
+        for i in range(48)
+    )
+    stalled.sock.sendall(batch)
+    time.sleep(0.5)  # the server has sent what the socket takes, and waits
+    for i in range(64):  # through the shared buffer while `stalled` waits
+        other.request(CMD_WRITE, (40 + i % 8) * MiB, 4096, cookie=i, payload=b"\xee" * 4096)
+        assert other.simple_reply() == (0, i, b"")
+    got = replies_by_cookie(stalled, dict.fromkeys(range(20), MiB), set(range(100, 148)))
+    assert all(got[cookie] == (0, b"") for cookie in range(100, 148))
+    for i in range(48):
+        stalled.request(CMD_READ, (8 + i) * MiB, 4096, cookie=200 + i)
+        assert stalled.simple_reply(4096) == (0, 200 + i, bytes([i + 1]) * 4096)
+
+
+def test_garbage_read_while_paused_drops_the_client_when_it_resumes(
+    attached: Any, nbdsh: Fixture
+) -> None:
+    """Bytes that are no request, read while the server waits for the client
+    to take its replies, end that connection once it does, cleanly."""
+    server, good, raw_nbd = attached
+    bad = raw_nbd(server)
+    bad.handshake()
+    reads = b"".join(bad.request_header(CMD_READ, 0, MiB, cookie=i) for i in range(20))
+    bad.sock.sendall(reads + b"\xff" * 4096)
+    time.sleep(0.5)
+    with contextlib.suppress(ConnectionResetError):
+        while bad.sock.recv(1 << 20):
+            pass  # take the replies; the server then reads on and finds the garbage
+    others_unaffected(server, good, nbdsh)
+    log = server.log()
+    assert "protocol error: bad request magic" in log
+    assert "Traceback" not in log and "failed" not in log, log[-4000:]
+
+
 def test_pipelined_requests_in_one_segment(server: Any, raw_nbd: Fixture) -> None:
     """Many requests in one send; replies come in any order, each matching its cookie."""
     client = raw_nbd(server)
