@@ -333,14 +333,7 @@ class Zsmalloc:
                 return NIL
         elif self.class_of[size] != self.class_of[old]:
             return NIL
-        # StampLRU.push, inlined: this is every overwrite that stays put.
-        lru = self.lru
-        lru.seq = seq = (lru.seq + 1) & STAMP_MASK
-        lru.stamp[pgno] = seq
-        queue = lru.queue
-        queue.append(pgno << 32 | seq)
-        if len(queue) > lru.limit:
-            lru.clean()
+        self.lru.push(pgno)
         return self._handle(handle >> HANDLE_SHIFT, size)
 
     def free(self, handle: int) -> None:
