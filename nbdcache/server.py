@@ -272,7 +272,12 @@ class Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.transport is not None and not self.closing and not self.store_paused:
+        if (
+            self.transport is not None
+            and not self.closing
+            and not self.store_paused
+            and not self.draining  # no more requests are read
+        ):
             self.transport.resume_reading()
             self._process()
 
@@ -655,10 +660,16 @@ class Connection(asyncio.BufferedProtocol):
         if self.closing or self.transport is None:
             return
         out: list[bytes | memoryview] = []
-        if exc is not None:
-            self._failed(req, exc, out)
-        else:
-            self._reply(req, fut.result(), out)
+        try:
+            if exc is not None:
+                self._failed(req, exc, out)
+            else:
+                self._reply(req, fut.result(), out)
+        except Exception:
+            # No reply can be built: the client must not wait for one forever.
+            log.exception("%s: internal error answering request type %d", self.peer, req.type)
+            self.abort("internal error")
+            return
         self.transport.writelines(out)
         if self.idle_abort and not self.inflight:
             log.info("%s: closing: %s", self.peer, self.idle_abort)

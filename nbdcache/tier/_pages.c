@@ -357,13 +357,22 @@ Encoder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     pthread_mutex_init(&e->lock, NULL);
     pthread_cond_init(&e->wake, NULL);
-    /* The thread starts with every signal blocked, so signals (SIGTERM,
-     * SIGHUP for reload) reach the interpreter's threads, never this one. */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
+    /* The thread starts with the asynchronous signals blocked, so SIGTERM,
+     * SIGHUP (reload) and the like are delivered to the interpreter's
+     * threads.  Faults raised by the thread itself stay deliverable, so
+     * faulthandler can still report them.  If the mask cannot be set the
+     * thread runs with the caller's: signals still reach CPython's handler. */
+    sigset_t async, old;
+    sigfillset(&async);
+    sigdelset(&async, SIGSEGV);
+    sigdelset(&async, SIGBUS);
+    sigdelset(&async, SIGFPE);
+    sigdelset(&async, SIGILL);
+    sigdelset(&async, SIGABRT);
+    int masked = pthread_sigmask(SIG_BLOCK, &async, &old) == 0;
     int err = pthread_create(&e->thread, NULL, encoder_thread, e);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (masked)
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (err) {
         errno = err;
         PyErr_SetFromErrno(PyExc_OSError);
