@@ -158,8 +158,8 @@ class RamTier:
         self._view = self.arena.view
         self._encode = self.codec.encode
         self._alloc = self.allocator.alloc
-        # One page encodes here on the C path, when it compresses with lz4.
-        self._encode_page = None if native is None or compressor != "lz4" else native.encode_page
+        # The C loops encode the pages, when they are compressed with lz4.
+        self._native = native if compressor == "lz4" else None
         self._threshold = self.codec.threshold
         # Where a split object continues (zsmalloc's frame chains), for `decode`.
         self._spans = self.allocator.zs_next if isinstance(self.allocator, Zsmalloc) else None
@@ -195,17 +195,16 @@ class RamTier:
 
     def store(self, pgno: int, data: bytes | memoryview) -> None:
         # The write path of every page the client sends: kept flat on purpose.
-        if self._encode_page is not None:
-            size = self._encode_page(data, self._threshold, self._page_out)
-            place = self._overwrite if self._state[pgno] == RAM else self._place
+        if self._native is not None:
+            size = self._native.encode_page(data, self._threshold, self._page_out)
             if size < 0:
                 word = int.from_bytes(data[:8], "little")
                 self._fill(pgno, SAME if word else ZERO, word)
             elif size == PAGE_SIZE:
-                place(pgno, data, PAGE_SIZE)  # copied into the arena
+                self._place(pgno, data, PAGE_SIZE)  # copied into the arena
                 self.incompressible += 1
             else:
-                place(pgno, self._page_view[:size], size)
+                self._place(pgno, self._page_view[:size], size)
             return
         page = data if type(data) is bytes else bytes(data)
         if len(page) != PAGE_SIZE:
@@ -226,9 +225,7 @@ class RamTier:
     def encode_threshold(self) -> int | None:
         """The threshold to encode runs for `store_pages` with, elsewhere
         (`nbdcache.tier.encoder`); None when there is nothing to do so."""
-        if native is None or self.codec.compressor != "lz4":
-            return None
-        return self.codec.threshold
+        return None if self._native is None else self._threshold
 
     def store_run(
         self, first: int, data: memoryview, encoded: Encoded | None = None
@@ -253,7 +250,7 @@ class RamTier:
         """
         count = len(data) >> PAGE_SHIFT
         raws: list[int] = []
-        if native is None or self.codec.compressor != "lz4" or count < 2:
+        if self._native is None or count < 2:
             for i in range(count):
                 pgno = first + i
                 try:
@@ -265,7 +262,7 @@ class RamTier:
             return count, raws
         if encoded is None:
             out, sizes, words = self._scratch(count)
-            native.encode(data, self.codec.threshold, out, sizes, words)
+            self._native.encode(data, self._threshold, out, sizes, words)
         else:
             out, sizes, words = encoded
         view = memoryview(out)

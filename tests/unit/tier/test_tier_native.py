@@ -121,7 +121,7 @@ def test_one_page_stores_alike_on_both_paths_through_failures(
     kinds = ["zero", "same", "random", "data", "data"]
     native_path = RamTier(128, 24 * PAGE_SIZE, allocator=allocator, overcommit=overcommit)
     pure_path = RamTier(128, 24 * PAGE_SIZE, allocator=allocator, overcommit=overcommit)
-    pure_path._encode_page = None
+    pure_path._native = None
     tiers = (native_path, pure_path)
     try:
         for step in range(600):
@@ -171,7 +171,7 @@ def test_store_pages_leaves_the_tier_as_store_does(
     data = b"".join(page_of(kind, seed, length) for kind, seed, length in pages)
     batched = RamTier(count + 8, 1024 * PAGE_SIZE, allocator=allocator)
     single = RamTier(count + 8, 1024 * PAGE_SIZE, allocator=allocator)
-    single._encode_page = None  # page by page, as the pure-Python path does
+    single._native = None  # page by page, as the pure-Python path does
     try:
         for tier in (batched, single):  # an earlier copy to overwrite
             tier.store(3, page_of("data", rewrite, 500))
