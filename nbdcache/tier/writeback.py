@@ -542,8 +542,7 @@ class WritebackStore:
         Returns whether the page was incompressible (kept raw, made cold)."""
         ram = self.ram
         ram.store(pgno, memoryview(data) if isinstance(data, bytearray) else data)
-        if pgno in self.busy:
-            self.touched.add(pgno)
+        self._touch(pgno)
         self.img[pgno] = IMG_DIRTY
         raw = False
         if self._state[pgno] != RAM:
