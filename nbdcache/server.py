@@ -299,17 +299,22 @@ class Connection(asyncio.BufferedProtocol):
         if self.neg is None:
             try:
                 self._handshake(bytes(data))
-            except p.RemoteProtocolError as exc:
-                self.abort(f"protocol error: {exc}")
-            except Exception:
-                log.exception("%s: internal error, dropping the connection", self.peer)
-                self.abort("internal error")
+            except Exception as exc:
+                self._drop_for(exc)
             return
         if self.buf:  # behind a partial request, or paused
             self.buf += data
             self._process()
         else:
             self._process(data)
+
+    def _drop_for(self, exc: Exception) -> None:
+        """The client broke the protocol, or we have a bug: drop this connection."""
+        if isinstance(exc, p.RemoteProtocolError):
+            self.abort(f"protocol error: {exc}")
+        else:
+            log.error("%s: internal error, dropping the connection", self.peer, exc_info=exc)
+            self.abort("internal error")
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -496,11 +501,8 @@ class Connection(asyncio.BufferedProtocol):
                     if not self.inflight:
                         self._finish_disconnect()
                     return
-        except p.RemoteProtocolError as exc:
-            self.abort(f"protocol error: {exc}")
-        except Exception:
-            log.exception("%s: internal error, dropping the connection", self.peer)
-            self.abort("internal error")
+        except Exception as exc:
+            self._drop_for(exc)
         finally:
             if data is not None and pos < len(data):
                 self.buf += data[pos:]
