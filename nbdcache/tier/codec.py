@@ -72,9 +72,17 @@ def _load_native() -> ModuleType | None:
     except ImportError:
         return None
     # The build must know this page table and have every entry point.
-    constants = {"PAGE_SIZE": PAGE_SIZE, "HOLE": HOLE, "ZERO": ZERO, "SAME": SAME, "RAM": RAM}
-    constants |= {"DISK": DISK, "HANDLE_SHIFT": HANDLE_SHIFT, "HANDLE_SPLIT": HANDLE_SPLIT}
-    constants["HANDLE_LENGTH_MASK"] = HANDLE_LENGTH_MASK
+    constants = {
+        "PAGE_SIZE": PAGE_SIZE,
+        "HOLE": HOLE,
+        "ZERO": ZERO,
+        "SAME": SAME,
+        "RAM": RAM,
+        "DISK": DISK,
+        "HANDLE_SHIFT": HANDLE_SHIFT,
+        "HANDLE_SPLIT": HANDLE_SPLIT,
+        "HANDLE_LENGTH_MASK": HANDLE_LENGTH_MASK,
+    }
     if any(getattr(_pages, name, None) != value for name, value in constants.items()) or not all(
         hasattr(_pages, name) for name in ("encode", "encode_page", "decode", "Encoder")
     ):
