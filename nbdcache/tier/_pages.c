@@ -13,12 +13,16 @@
  *             one reply buffer (holes, zero and same-filled pages, raw and
  *             lz4 pages, objects split across two frames included).
  *
- * Allocation, the LRU and every state change stay in Python: this module
- * reads the page table and the arena and writes only the caller's buffers.
+ * and one loop that places a run of encoded pages in the arena:
+ *
+ *   zs_place - zsmalloc's common store path (see its comment below).
+ *
+ * Every decision about frames (taking them, giving them back, compaction,
+ * the capacity rules) stays in Python; zs_place stops where one is needed.
  * The output is the same lz4 block format the lz4 package reads and writes,
  * so pages move freely between this path and the pure-Python one.  The
- * constants below must match nbdcache/tier/__init__.py and arena.py; the
- * Python side checks them at import.
+ * constants below must match nbdcache/tier/__init__.py, arena.py and
+ * zsmalloc.py; the Python side checks them at import.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -265,6 +269,449 @@ end:
     PyBuffer_Release(&out);
     if (have_spans)
         PyBuffer_Release(&spans);
+    return result;
+}
+
+/*
+ * zs_place: zsmalloc's common write path for a run of encoded pages.
+ *
+ * Storing a page in RAM is a handful of table updates around one memcpy;
+ * stepping through them in Python costs more than compressing the page.
+ * zs_place does, for pages first+start, first+start+1, ..., what
+ * RamTier._place and _fill do with the Zsmalloc allocator, as long as no
+ * frame changes hands:
+ *
+ *   - a zero or same-filled page: the page table only (a RAM page's old
+ *     object is freed first);
+ *   - an overwrite that fits the old object's size class: in place;
+ *   - any other compressed page: a slot from a partly used zspage of its
+ *     class (almost full ones first), then the old object, if any, freed.
+ *
+ * It stops, leaving the page for Python, at a raw (incompressible) page, at
+ * a huge old object, when a class has no partly used zspage (a new zspage
+ * takes frames: the arena's capacity rules, compaction) and when a free
+ * would empty a zspage (its frames go back to the arena).  Python then
+ * serves that page as before and calls again for the rest, so there is one
+ * write path with a shortcut, not two: the same tables, in the same order,
+ * with the same LRU stamps.  Every index read from the tables is checked
+ * before use; a table that fails the check raises ValueError.
+ */
+#define NIL (-1)
+#define ZS_OBJ_HEADER_SIZE 4
+#define ZS_HUGE_CLASS 0xFFFF
+#define ZS_ALMOST_FULL 1
+#define STAMP_MASK 0xFFFFFFFFu
+
+enum {
+    T_STATE, T_HANDLES, T_ARENA, T_CLASS_OF, T_CLASS_SIZE, T_CLASS_OBJS, T_CLASS_FULL_AT,
+    T_ZS_HEAD, T_ZS_NEXT, T_ZS_CLASS, T_ZS_INUSE, T_ZS_FREEOBJ, T_ZS_FRESH,
+    T_LIST_HEAD, T_LIST_PREV, T_LIST_NEXT, T_LIST_OF, T_STAMP, ZS_TABLES
+};
+static const Py_ssize_t zs_itemsize[ZS_TABLES] = {
+    1, 8, 1, 2, 2, 2, 2,
+    4, 4, 2, 2, 8, 8,
+    4, 4, 4, 2, 4,
+};
+/* Counters, in and out: the LRU's sequence number; then out only. */
+enum { C_SEQ, C_OBJECTS, C_COMPR, C_FRAGMENTED, C_ENTRIES, ZS_COUNTERS };
+
+typedef struct {
+    unsigned char *state;
+    uint64_t *handles;
+    char *arena;
+    const uint16_t *class_of, *class_size, *class_objs, *class_full_at;
+    int32_t *zs_head, *zs_next;
+    uint16_t *zs_class, *zs_inuse;
+    int64_t *zs_freeobj, *zs_fresh;
+    int32_t *list_head, *list_prev, *list_next;
+    int16_t *list_of;
+    uint32_t *stamp;
+    Py_ssize_t pages, arena_len, frames, classes, lists;
+    uint32_t seq;
+    int64_t objects, compr;
+    int fragmented;
+} zs;
+
+static int
+zs_frame_ok(const zs *z, int64_t frame)
+{
+    return frame >= 0 && frame < z->frames;
+}
+
+/* A slot start inside the arena, with room for its header and free link. */
+static int
+zs_slot_ok(const zs *z, int64_t start)
+{
+    return start >= 0 && start % 16 == 0 && start <= z->arena_len - 16;
+}
+
+static void
+zs_list_remove(zs *z, int32_t frame)
+{
+    int16_t lst = z->list_of[frame];
+    if (lst < 0)
+        return;
+    int32_t prev = z->list_prev[frame], nxt = z->list_next[frame];
+    if (prev == NIL)
+        z->list_head[lst] = nxt;
+    else
+        z->list_next[prev] = nxt;
+    if (nxt != NIL)
+        z->list_prev[nxt] = prev;
+    z->list_of[frame] = NIL;
+}
+
+static void
+zs_list_push(zs *z, int lst, int32_t frame)
+{
+    int32_t first = z->list_head[lst];
+    z->list_prev[frame] = NIL;
+    z->list_next[frame] = first;
+    if (first != NIL)
+        z->list_prev[first] = frame;
+    z->list_head[lst] = frame;
+    z->list_of[frame] = (int16_t)lst;
+}
+
+/* The list links of the frames touched are checked by zs_links_ok first. */
+static int
+zs_links_ok(const zs *z, int32_t frame)
+{
+    int16_t lst = z->list_of[frame];
+    if (lst < 0)
+        return lst == NIL;
+    int32_t prev = z->list_prev[frame], nxt = z->list_next[frame];
+    return lst < z->lists && (prev == NIL || zs_frame_ok(z, prev))
+           && (nxt == NIL || zs_frame_ok(z, nxt));
+}
+
+/* Whether both fullness lists of class `cls` start at NIL or at a frame. */
+static int
+zs_heads_ok(const zs *z, int cls)
+{
+    int32_t a = z->list_head[cls << 1], b = z->list_head[(cls << 1) | ZS_ALMOST_FULL];
+    return (a == NIL || zs_frame_ok(z, a)) && (b == NIL || zs_frame_ok(z, b));
+}
+
+/* The zspage to allocate from in class `cls`, or NIL (-2 if a table is bad). */
+static int32_t
+zs_pick(const zs *z, int cls)
+{
+    if (!zs_heads_ok(z, cls))
+        return -2;
+    int32_t head = z->list_head[(cls << 1) | ZS_ALMOST_FULL];
+    if (head == NIL)
+        head = z->list_head[cls << 1];
+    if (head == NIL)
+        return NIL;
+    if (!zs_links_ok(z, head) || z->zs_class[head] != cls)
+        return -2;
+    return head;
+}
+
+/* Take a slot of zspage `head` (class `cls`, not full); -1 if a table is bad. */
+static int64_t
+zs_take(zs *z, int32_t head, int cls, uint32_t pgno)
+{
+    int64_t start = z->zs_freeobj[head];
+    if (start != NIL) {
+        if (!zs_slot_ok(z, start))
+            return -1;
+        int64_t link = ((int64_t *)z->arena)[start >> 3];
+        if (link != NIL && !zs_slot_ok(z, link))
+            return -1;
+        z->zs_freeobj[head] = link;
+    } else {
+        start = z->zs_fresh[head];
+        if (!zs_slot_ok(z, start))
+            return -1;
+        int64_t end = (start % PAGE_SIZE) + z->class_size[cls];
+        if (end < PAGE_SIZE) {
+            z->zs_fresh[head] = start + z->class_size[cls];
+        } else {
+            int64_t nxt = z->zs_next[start / PAGE_SIZE];
+            z->zs_fresh[head] = nxt * PAGE_SIZE + end - PAGE_SIZE;
+        }
+    }
+    int inuse = ++z->zs_inuse[head];
+    int lst = cls << 1;
+    if (inuse == z->class_objs[cls]) {
+        zs_list_remove(z, head); /* full: on no list */
+    } else if (inuse == z->class_full_at[cls]) {
+        zs_list_remove(z, head);
+        zs_list_push(z, lst | ZS_ALMOST_FULL, head);
+    }
+    ((uint32_t *)z->arena)[start >> 2] = pgno;
+    z->objects++;
+    return start;
+}
+
+/* Whether zs_free can free `handle` here: a live slot whose zspage keeps
+ * another object.  Returns its zspage, NIL if not, -2 if a table is bad. */
+static int32_t
+zs_freeable(const zs *z, uint64_t handle)
+{
+    if ((handle & HANDLE_LENGTH_MASK) == PAGE_SIZE)
+        return NIL; /* a huge frame goes back to the arena */
+    int64_t start = (int64_t)(handle >> HANDLE_SHIFT) - ZS_OBJ_HEADER_SIZE;
+    if (!zs_slot_ok(z, start))
+        return -2;
+    int32_t head = z->zs_head[start / PAGE_SIZE];
+    if (!zs_frame_ok(z, head) || !zs_links_ok(z, head))
+        return -2;
+    int cls = z->zs_class[head];
+    if (cls >= z->classes || z->zs_inuse[head] == 0 || !zs_heads_ok(z, cls))
+        return -2;
+    return z->zs_inuse[head] > 1 ? head : NIL;
+}
+
+static void
+zs_free(zs *z, uint64_t handle, int32_t head)
+{
+    int64_t start = (int64_t)(handle >> HANDLE_SHIFT) - ZS_OBJ_HEADER_SIZE;
+    ((int64_t *)z->arena)[start >> 3] = z->zs_freeobj[head];
+    z->zs_freeobj[head] = start;
+    int inuse = --z->zs_inuse[head];
+    int cls = z->zs_class[head];
+    int objs = z->class_objs[cls], full_at = z->class_full_at[cls];
+    if (inuse == objs - 1)
+        z->fragmented = 1;
+    if (inuse == objs - 1 || inuse == full_at - 1) { /* refile */
+        zs_list_remove(z, head);
+        zs_list_push(z, (cls << 1) | (inuse >= full_at ? ZS_ALMOST_FULL : 0), head);
+    }
+    z->objects--;
+}
+
+/* The handle of a payload, split if it runs into a frame not next in the arena. */
+static uint64_t
+zs_handle(const zs *z, int64_t addr, int size)
+{
+    uint64_t handle = (uint64_t)addr << HANDLE_SHIFT | (uint64_t)size;
+    if ((addr % PAGE_SIZE) + size > PAGE_SIZE && z->zs_next[addr / PAGE_SIZE] != addr / PAGE_SIZE + 1)
+        handle |= HANDLE_SPLIT;
+    return handle;
+}
+
+/* Copy a payload to where its handle says; 0 if it would leave the arena. */
+static int
+zs_write(zs *z, uint64_t handle, const char *obj, int size)
+{
+    int64_t addr = (int64_t)(handle >> HANDLE_SHIFT);
+    if (!(handle & HANDLE_SPLIT)) {
+        if (addr > z->arena_len - size)
+            return 0;
+        memcpy(z->arena + addr, obj, size);
+        return 1;
+    }
+    int64_t cut = PAGE_SIZE - (addr % PAGE_SIZE);
+    int64_t more = z->zs_next[addr / PAGE_SIZE];
+    if (!zs_frame_ok(z, more) || more * PAGE_SIZE > z->arena_len - (size - cut))
+        return 0;
+    memcpy(z->arena + addr, obj, cut);
+    memcpy(z->arena + more * PAGE_SIZE, obj + cut, size - cut);
+    return 1;
+}
+
+/* One page; 1 if done, 0 to leave it to Python, -1 if a table is bad. */
+static int
+zs_place_one(zs *z, uint32_t pgno, int size, uint64_t word, const char *obj, uint64_t *entry)
+{
+    unsigned char old_state = z->state[pgno];
+    uint64_t old = z->handles[pgno];
+    int32_t old_head = NIL;
+    if (old_state == ST_RAM && (old & HANDLE_LENGTH_MASK) != PAGE_SIZE
+        && !zs_slot_ok(z, (int64_t)(old >> HANDLE_SHIFT) - ZS_OBJ_HEADER_SIZE))
+        return -1;
+    if (size < 0) {
+        if (old_state == ST_RAM) {
+            if ((old_head = zs_freeable(z, old)) < 0)
+                return old_head == NIL ? 0 : -1;
+            zs_free(z, old, old_head);
+            z->compr -= (int64_t)(old & HANDLE_LENGTH_MASK);
+        }
+        z->handles[pgno] = word;
+        z->state[pgno] = word ? ST_SAME : ST_ZERO;
+        return 1;
+    }
+    if (size <= 0 || size >= PAGE_SIZE)
+        return 0; /* raw: Python counts it and may send it to the image */
+    int cls = z->class_of[size];
+    if (cls >= z->classes)
+        return -1;
+    uint64_t handle;
+    if (old_state == ST_RAM) {
+        int old_size = (int)(old & HANDLE_LENGTH_MASK);
+        if (old_size == PAGE_SIZE || old_size == 0)
+            return old_size ? 0 : -1;
+        if (z->class_of[old_size] == cls) { /* realloc in place */
+            handle = zs_handle(z, (int64_t)(old >> HANDLE_SHIFT), size);
+            goto write;
+        }
+        if ((old_head = zs_freeable(z, old)) < 0)
+            return old_head == NIL ? 0 : -1;
+    }
+    int32_t head = zs_pick(z, cls);
+    if (head < 0)
+        return head == NIL ? 0 : -1;
+    int64_t start = zs_take(z, head, cls, pgno);
+    if (start < 0)
+        return -1;
+    handle = zs_handle(z, start + ZS_OBJ_HEADER_SIZE, size);
+write:
+    if (!zs_write(z, handle, obj, size))
+        return -1;
+    z->seq = (z->seq + 1) & STAMP_MASK;
+    z->stamp[pgno] = z->seq;
+    *entry = (uint64_t)pgno << 32 | z->seq;
+    z->handles[pgno] = handle;
+    if (old_state == ST_RAM) {
+        z->compr += size - (int64_t)(old & HANDLE_LENGTH_MASK);
+        if (old_head >= 0)
+            zs_free(z, old, old_head); /* after the page points at its new copy */
+    } else {
+        z->state[pgno] = ST_RAM;
+        z->compr += size;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(zs_place_doc,
+"zs_place(tables, counters, first, start, count, out, sizes, words, entries) -> int\n\n"
+"Store pages first+start, ... first+count-1 of a run `encode` left in\n"
+"(out, sizes, words) through zsmalloc's tables, until a page needs Python\n"
+"(see the comment in _pages.c); returns the index of that page, or count.\n"
+"`tables` is the tuple of buffers Zsmalloc.place_run passes; `counters`\n"
+"(int64) holds the LRU sequence number in and out, then the change in live\n"
+"objects, the change in payload bytes, whether a full zspage lost an\n"
+"object, and how many LRU entries were written to `entries` (uint64),\n"
+"which bounds the pages stored.");
+
+static PyObject *
+zs_place(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "zs_place() takes 9 arguments");
+        return NULL;
+    }
+    PyObject *tables = args[0];
+    if (!PyTuple_Check(tables) || PyTuple_GET_SIZE(tables) != ZS_TABLES) {
+        PyErr_SetString(PyExc_TypeError, "zs_place() needs the tuple of zsmalloc's tables");
+        return NULL;
+    }
+    Py_ssize_t first = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t start = PyLong_AsSsize_t(args[3]);
+    Py_ssize_t count = PyLong_AsSsize_t(args[4]);
+    if ((first == -1 || start == -1 || count == -1) && PyErr_Occurred())
+        return NULL;
+    Py_buffer t[ZS_TABLES], counters, out, sizes, words, entries;
+    int held = 0, extra = 0;
+    PyObject *result = NULL;
+    for (; held < ZS_TABLES; held++) {
+        int flags = held == T_CLASS_OF || held == T_CLASS_SIZE || held == T_CLASS_OBJS
+                            || held == T_CLASS_FULL_AT
+                        ? PyBUF_SIMPLE
+                        : PyBUF_WRITABLE;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(tables, held), &t[held], flags) < 0)
+            goto end;
+        if (t[held].itemsize != zs_itemsize[held]) {
+            PyErr_Format(PyExc_ValueError, "zsmalloc table %d has items of the wrong size", held);
+            held++;
+            goto end;
+        }
+    }
+    if (PyObject_GetBuffer(args[1], &counters, PyBUF_WRITABLE) < 0)
+        goto end;
+    extra++;
+    if (PyObject_GetBuffer(args[5], &out, PyBUF_SIMPLE) < 0)
+        goto end;
+    extra++;
+    if (PyObject_GetBuffer(args[6], &sizes, PyBUF_SIMPLE) < 0)
+        goto end;
+    extra++;
+    if (PyObject_GetBuffer(args[7], &words, PyBUF_SIMPLE) < 0)
+        goto end;
+    extra++;
+    if (PyObject_GetBuffer(args[8], &entries, PyBUF_WRITABLE) < 0)
+        goto end;
+    extra++;
+    zs z = {
+        .state = t[T_STATE].buf,
+        .handles = t[T_HANDLES].buf,
+        .arena = t[T_ARENA].buf,
+        .class_of = t[T_CLASS_OF].buf,
+        .class_size = t[T_CLASS_SIZE].buf,
+        .class_objs = t[T_CLASS_OBJS].buf,
+        .class_full_at = t[T_CLASS_FULL_AT].buf,
+        .zs_head = t[T_ZS_HEAD].buf,
+        .zs_next = t[T_ZS_NEXT].buf,
+        .zs_class = t[T_ZS_CLASS].buf,
+        .zs_inuse = t[T_ZS_INUSE].buf,
+        .zs_freeobj = t[T_ZS_FREEOBJ].buf,
+        .zs_fresh = t[T_ZS_FRESH].buf,
+        .list_head = t[T_LIST_HEAD].buf,
+        .list_prev = t[T_LIST_PREV].buf,
+        .list_next = t[T_LIST_NEXT].buf,
+        .list_of = t[T_LIST_OF].buf,
+        .stamp = t[T_STAMP].buf,
+        .pages = t[T_STATE].len,
+        .arena_len = t[T_ARENA].len,
+        .frames = t[T_ARENA].len / PAGE_SIZE,
+        .classes = t[T_CLASS_SIZE].len / 2,
+        .lists = t[T_LIST_HEAD].len / 4,
+    };
+    /* Compared by subtraction and division: no sum or product can overflow. */
+    if (z.pages > (Py_ssize_t)STAMP_MASK + 1 || t[T_HANDLES].len / 8 != z.pages
+        || t[T_STAMP].len / 4 != z.pages || t[T_CLASS_OF].len / 2 != PAGE_SIZE + 1
+        || t[T_CLASS_OBJS].len / 2 != z.classes || t[T_CLASS_FULL_AT].len / 2 != z.classes
+        || z.lists != 2 * z.classes
+        || t[T_ZS_HEAD].len / 4 != z.frames || t[T_ZS_NEXT].len / 4 != z.frames
+        || t[T_ZS_CLASS].len / 2 != z.frames || t[T_ZS_INUSE].len / 2 != z.frames
+        || t[T_ZS_FREEOBJ].len / 8 != z.frames || t[T_ZS_FRESH].len / 8 != z.frames
+        || t[T_LIST_PREV].len / 4 != z.frames || t[T_LIST_NEXT].len / 4 != z.frames
+        || t[T_LIST_OF].len / 2 != z.frames) {
+        PyErr_SetString(PyExc_ValueError, "zsmalloc's tables do not match each other");
+        goto end;
+    }
+    if (counters.len != ZS_COUNTERS * 8 || counters.itemsize != 8 || sizes.itemsize != 4
+        || words.itemsize != 8 || entries.itemsize != 8 || first < 0 || start < 0
+        || count < start || first > z.pages || count > z.pages - first
+        || count > sizes.len / 4 || count > words.len / 8 || count > out.len / PAGE_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "zs_place(): bad counters, run or output buffers");
+        goto end;
+    }
+    int64_t *c = counters.buf;
+    const int32_t *sz = sizes.buf;
+    const uint64_t *w = words.buf;
+    uint64_t *e = entries.buf;
+    Py_ssize_t room = entries.len / 8, n = 0, i = start;
+    z.seq = (uint32_t)c[C_SEQ];
+    for (; i < count && n < room; i++) {
+        int r = zs_place_one(&z, (uint32_t)(first + i), sz[i], w[i], (const char *)out.buf + i * PAGE_SIZE, &e[n]);
+        if (r <= 0) {
+            if (r < 0) {
+                PyErr_Format(PyExc_ValueError, "zsmalloc's tables are inconsistent at page %zd",
+                             first + i);
+            }
+            break;
+        }
+        if (sz[i] >= 0)
+            n++;
+    }
+    /* What was done stays done: report it even when raising. */
+    c[C_SEQ] = z.seq;
+    c[C_OBJECTS] = z.objects;
+    c[C_COMPR] = z.compr;
+    c[C_FRAGMENTED] = z.fragmented;
+    c[C_ENTRIES] = n;
+    if (!PyErr_Occurred())
+        result = PyLong_FromSsize_t(i);
+end:
+    for (int k = 0; k < held; k++)
+        PyBuffer_Release(&t[k]);
+    Py_buffer *more[] = {&counters, &out, &sizes, &words, &entries};
+    for (int k = 0; k < extra; k++)
+        PyBuffer_Release(more[k]);
     return result;
 }
 
@@ -526,6 +973,7 @@ static PyMethodDef methods[] = {
     {"encode", encode, METH_VARARGS, encode_doc},
     {"encode_page", (PyCFunction)(void (*)(void))encode_page, METH_FASTCALL, encode_page_doc},
     {"decode", decode, METH_VARARGS, decode_doc},
+    {"zs_place", (PyCFunction)(void (*)(void))zs_place, METH_FASTCALL, zs_place_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -558,6 +1006,8 @@ PyInit__pages(void)
         || PyModule_AddIntConstant(m, "HANDLE_SHIFT", HANDLE_SHIFT) < 0
         || PyModule_AddIntConstant(m, "HANDLE_LENGTH_MASK", HANDLE_LENGTH_MASK) < 0
         || PyModule_AddIntConstant(m, "HANDLE_SPLIT", HANDLE_SPLIT) < 0
+        || PyModule_AddIntConstant(m, "ZS_OBJ_HEADER_SIZE", ZS_OBJ_HEADER_SIZE) < 0
+        || PyModule_AddIntConstant(m, "ZS_HUGE_CLASS", ZS_HUGE_CLASS) < 0
         || PyModule_AddIntConstant(m, "LZ4_VERSION", LZ4_versionNumber()) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -207,18 +207,21 @@ class FrameLists:
     """Several doubly-linked lists of frames sharing two link arrays.
 
     A frame is on at most one of the lists (`list_of[frame]` says which, or
-    NIL).  `nonempty` is a bit mask of the lists that hold a frame, so a best
-    fit search is one shift and one `bit_length`, not a loop over lists.
-    Frames are pushed at the head.
+    NIL).  With `masked`, `nonempty` is a bit mask of the lists that hold a
+    frame, so a best fit search is one shift and one `bit_length`, not a
+    loop over lists (zbud, z3fold); without it the lists are plain arrays
+    that C code may edit too (zsmalloc's, `zs_place`).  Frames are pushed at
+    the head.
     """
 
-    __slots__ = ("head", "list_of", "next", "nonempty", "prev")
+    __slots__ = ("head", "list_of", "masked", "next", "nonempty", "prev")
 
-    def __init__(self, frame_count: int, list_count: int) -> None:
+    def __init__(self, frame_count: int, list_count: int, masked: bool = True) -> None:
         self.prev = array("i", [NIL]) * frame_count
         self.next = array("i", [NIL]) * frame_count
         self.list_of = array("b" if list_count < 128 else "h", [NIL]) * frame_count
-        self.head = [NIL] * list_count
+        self.head = array("i", [NIL]) * list_count
+        self.masked = masked
         self.nonempty = 0
 
     @property
@@ -232,10 +235,10 @@ class FrameLists:
         first = head[lst]
         self.prev[frame] = NIL
         self.next[frame] = first
-        if first == NIL:
-            self.nonempty |= 1 << lst
-        else:
+        if first != NIL:
             self.prev[first] = frame
+        elif self.masked:
+            self.nonempty |= 1 << lst
         head[lst] = frame
         self.list_of[frame] = lst
 
@@ -251,7 +254,7 @@ class FrameLists:
         nxt = next_of[frame]
         if prev == NIL:
             self.head[lst] = nxt
-            if nxt == NIL:
+            if nxt == NIL and self.masked:
                 self.nonempty &= ~(1 << lst)
         else:
             next_of[prev] = nxt

@@ -88,7 +88,7 @@ from nbdcache.tier.codec import (
 from nbdcache.tier.pagetable import PageTable, anonymous_array
 from nbdcache.tier.z3fold import Z3fold
 from nbdcache.tier.zbud import Zbud
-from nbdcache.tier.zsmalloc import ZS_MAX_PAGES_PER_ZSPAGE, Zsmalloc
+from nbdcache.tier.zsmalloc import NATIVE_PLACE, ZS_MAX_PAGES_PER_ZSPAGE, Zsmalloc
 
 if TYPE_CHECKING:
     import asyncio
@@ -162,7 +162,14 @@ class RamTier:
         self._native = native if compressor == "lz4" else None
         self._threshold = self.codec.threshold
         # Where a split object continues (zsmalloc's frame chains), for `decode`.
-        self._spans = self.allocator.zs_next if isinstance(self.allocator, Zsmalloc) else None
+        zsmalloc = self.allocator if isinstance(self.allocator, Zsmalloc) else None
+        self._spans = None if zsmalloc is None else zsmalloc.zs_next
+        # zsmalloc stores the common pages of a run in C (`store_pages`).
+        self._place_run = (
+            zsmalloc.place_run
+            if zsmalloc is not None and self._native is not None and NATIVE_PLACE is not None
+            else None
+        )
         self._page_out = bytearray(PAGE_SIZE)
         self._page_view = memoryview(self._page_out)
         self._scratch_out = bytearray(_SCRATCH_PAGES << PAGE_SHIFT)
@@ -267,23 +274,32 @@ class RamTier:
             out, sizes, words = encoded
         view = memoryview(out)
         place = self._place
-        for i in range(count):
+        place_run = self._place_run
+        i = 0
+        while i < count:
+            if place_run is not None:
+                # The common pages in C; the loop below takes the one it left.
+                i, grown = place_run(first, i, count, out, sizes, words)
+                self.compr_data_size += grown
+                if i == count:
+                    break
             size = sizes[i]
             pgno = first + i
-            start = i << PAGE_SHIFT
             if size < 0:
                 word = words[i]
                 self._fill(pgno, SAME if word else ZERO, word)
-                continue
-            raw = size == PAGE_SIZE
-            obj = data[start : start + PAGE_SIZE] if raw else view[start : start + size]
-            try:
-                place(pgno, obj, size)
-            except ArenaFull:
-                return i, raws
-            if raw:
-                self.incompressible += 1
-                raws.append(pgno)
+            else:
+                start = i << PAGE_SHIFT
+                raw = size == PAGE_SIZE
+                obj = data[start : start + PAGE_SIZE] if raw else view[start : start + size]
+                try:
+                    place(pgno, obj, size)
+                except ArenaFull:
+                    return i, raws
+                if raw:
+                    self.incompressible += 1
+                    raws.append(pgno)
+            i += 1
         return count, raws
 
     def _scratch(self, count: int) -> tuple[bytearray, array[int], array[int]]:

@@ -28,6 +28,13 @@ cannot get frames, before it gives up.
 Raw (incompressible) pages take a whole frame of their own ("huge" frames,
 the kernel's huge class); their owner is kept in a side array.
 
+Storing runs of pages: `place_run` hands the common cases (a slot from a
+partly used zspage, an overwrite in place, a zero page over an object that
+leaves its zspage in use) to a C loop, ``zs_place`` in _pages.c, which edits
+these same tables in the same order, and stops at the first page that needs
+a frame to change hands; the tier then stores that page through `alloc`
+and `free` as before and calls again.
+
 The LRU is per object, in store order: a `StampLRU` keyed by page number
 (4 bytes per device page for the stamps).  Eviction therefore frees
 objects, not frames; the space they leave is reclaimed by compaction.
@@ -42,6 +49,7 @@ negligible for a tier of hundreds of megabytes, visible for a few dozen.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable
 from typing import Final
 
 from nbdcache.tier import PAGE_SHIFT, PAGE_SIZE, RAM
@@ -58,6 +66,7 @@ from nbdcache.tier.arena import (
     Pieces,
     StampLRU,
 )
+from nbdcache.tier.codec import native
 from nbdcache.tier.pagetable import PageTable
 
 ZS_MIN_ALLOC_SIZE: Final = 32
@@ -70,6 +79,23 @@ _ALMOST_EMPTY: Final = 0
 _ALMOST_FULL: Final = 1
 HUGE_CLASS: Final = 0xFFFF
 _OFFSET_MASK: Final = PAGE_SIZE - 1
+#: Pages `place_run` stores in RAM per call, at most (LRU entries it buffers).
+_RUN_ENTRIES: Final = 256
+
+
+def _load_place() -> Callable[..., int] | None:
+    """The C loop behind `place_run`, if the build has one for this layout."""
+    if native is None or (native.ZS_OBJ_HEADER_SIZE, native.ZS_HUGE_CLASS) != (
+        OBJ_HEADER_SIZE,
+        HUGE_CLASS,
+    ):
+        return None
+    place: Callable[..., int] = native.zs_place
+    return place
+
+
+#: `zs_place`, or None: then `place_run` must not be called.
+NATIVE_PLACE: Final = _load_place()
 
 
 def chain_size(class_size: int, max_pages: int = ZS_MAX_PAGES_PER_ZSPAGE) -> int:
@@ -115,11 +141,11 @@ class Zsmalloc:
         self.handles = table.handle
         self.state = table.state
         classes = build_classes(max_pages)
-        self.class_size = [c[0] for c in classes]
-        self.class_pages = [c[1] for c in classes]
-        self.class_objs = [c[2] for c in classes]
+        self.class_size = array("H", [c[0] for c in classes])
+        self.class_pages = array("H", [c[1] for c in classes])
+        self.class_objs = array("H", [c[2] for c in classes])
         # Slots used from which a zspage counts as almost full.
-        self.class_full_at = [max(1, (3 * c[2] + 3) // 4) for c in classes]
+        self.class_full_at = array("H", [max(1, (3 * c[2] + 3) // 4) for c in classes])
         # class_of[n]: the class of an n-byte payload (header included).
         class_of = array("H", bytes(2 * (PAGE_SIZE + 1)))
         cls = 0
@@ -140,7 +166,7 @@ class Zsmalloc:
         self.zs_fresh = array("q", [NIL]) * frames
         self.huge_owner = array("I", [0]) * frames
         # Fullness lists: list 2*class + (_ALMOST_EMPTY | _ALMOST_FULL).
-        self.lists = FrameLists(frames, 2 * len(classes))
+        self.lists = FrameLists(frames, 2 * len(classes), masked=False)
         self.zspages = 0
         self.huge_frames = 0
         self.objects_live = 0
@@ -152,6 +178,29 @@ class Zsmalloc:
         # more partial zspages than it needs, and compaction free anything.
         self._fragmented = False
         self.lru = StampLRU(table.page_count, self._page_in_ram, lambda: self.objects_live)
+        # What `place_run` hands the C loop, in the order `zs_place` takes it.
+        self._tables = (
+            table.state,
+            table.handle,
+            arena.map,
+            class_of,
+            self.class_size,
+            self.class_objs,
+            self.class_full_at,
+            self.zs_head,
+            self.zs_next,
+            self.zs_class,
+            self.zs_inuse,
+            self.zs_freeobj,
+            self.zs_fresh,
+            self.lists.head,
+            self.lists.prev,
+            self.lists.next,
+            self.lists.list_of,
+            self.lru.stamp,
+        )
+        self._entries = array("Q", bytes(8 * _RUN_ENTRIES))
+        self._entry_bytes = memoryview(self._entries).cast("B")
 
     # -- zspages -----------------------------------------------------------
 
@@ -325,6 +374,43 @@ class Zsmalloc:
         self.objects_live += 1
         self.lru.push(pgno)
         return frame << (PAGE_SHIFT + HANDLE_SHIFT) | PAGE_SIZE
+
+    def place_run(
+        self,
+        first: int,
+        start: int,
+        count: int,
+        out: bytearray,
+        sizes: array[int],
+        words: array[int],
+    ) -> tuple[int, int]:
+        """Store pages `first`+`start`, ... of an encoded run (`native.encode`'s
+        out, sizes, words) in C while no frame changes hands.
+
+        The same as `RamTier.store_pages` page by page, for the common cases
+        only (see ``zs_place`` in _pages.c).  Returns the index of the first
+        page left for the caller (`count` if none) and the change in payload
+        bytes; the allocator's own counters and the LRU are updated here.
+        """
+        lru = self.lru
+        counters = array("q", (lru.seq, 0, 0, 0, 0))
+        try:
+            assert NATIVE_PLACE is not None
+            done = NATIVE_PLACE(
+                self._tables, counters, first, start, count, out, sizes, words, self._entries
+            )
+        finally:
+            # What the loop did stays done, even if it then found a bad table.
+            lru.seq = counters[0]
+            self.objects_live += counters[1]
+            if counters[3]:
+                self._fragmented = True
+            if counters[4]:
+                queue = lru.queue
+                queue.frombytes(self._entry_bytes[: 8 * counters[4]])
+                if len(queue) > lru.limit:
+                    lru.clean()
+        return done, counters[2]
 
     def realloc(self, handle: int, size: int, pgno: int) -> int:
         old = handle & HANDLE_LENGTH_MASK

@@ -25,6 +25,7 @@ from nbdcache.tier import ram as ram_module
 from nbdcache.tier.arena import HANDLE_LENGTH_MASK, HANDLE_SHIFT, HANDLE_SPLIT, ArenaFull
 from nbdcache.tier.codec import Codec, filled_word, native
 from nbdcache.tier.ram import ALLOCATORS, RamTier
+from nbdcache.tier.zsmalloc import NATIVE_PLACE, Zsmalloc
 
 needs_native = pytest.mark.skipif(
     native is None and not os.environ.get("NBDCACHE_REQUIRE_NATIVE"),
@@ -397,3 +398,153 @@ def test_signals_never_land_on_the_encoder_thread() -> None:
             assert not mask >> (sig - 1) & 1, f"{sig.name} is blocked on the encoder thread"
     finally:
         encoder.close()
+
+
+def _zsmalloc_layout(tier: RamTier) -> dict[str, object]:
+    """Everything zsmalloc and the page table hold, to compare two tiers by."""
+    zs = tier.allocator
+    assert isinstance(zs, Zsmalloc)
+    lru = zs.lru
+    return {
+        "state": bytes(tier.table.state),
+        "handles": bytes(tier.table.handle),
+        "arrays": [
+            bytes(a)
+            for a in (
+                zs.zs_head,
+                zs.zs_next,
+                zs.zs_class,
+                zs.zs_inuse,
+                zs.zs_freeobj,
+                zs.zs_fresh,
+                zs.lists.head,
+                zs.lists.prev,
+                zs.lists.next,
+                zs.lists.list_of,
+            )
+        ],
+        "lru": (lru.seq, bytes(lru.stamp), lru.queue[lru.head :].tobytes()),
+        "fragmented": zs._fragmented,
+        "stats": tier.stats(),
+    }
+
+
+@needs_native
+@pytest.mark.parametrize("overcommit", [True, False])
+def test_zs_place_leaves_zsmalloc_exactly_as_the_python_loop_does(overcommit: bool) -> None:
+    """Runs of every kind of page, over pages in every state, in an arena
+    that fills up: the C loop and the Python loop leave the same slots, lists,
+    LRU and counters, page for page, and the C loop does most of the work."""
+    assert NATIVE_PLACE is not None
+    rng = random.Random(overcommit)
+    pages = 256
+    c_path = RamTier(pages, 96 * PAGE_SIZE, overcommit=overcommit)
+    py_path = RamTier(pages, 96 * PAGE_SIZE, overcommit=overcommit)
+    py_path._place_run = None
+    real_place_run = c_path._place_run
+    assert real_place_run is not None
+    in_c = 0
+
+    def counted(first: int, start: int, count: int, *buffers: object) -> tuple[int, int]:
+        nonlocal in_c
+        done, grown = real_place_run(first, start, count, *buffers)  # type: ignore[arg-type]
+        in_c += done - start
+        return done, grown
+
+    c_path._place_run = counted
+    kinds = ["zero", "same", "random", "data", "data", "data", "data"]
+    stored = 0
+    try:
+        for step in range(400):
+            action = rng.random()
+            first = rng.randrange(pages - 2)
+            if action < 0.1:
+                count = rng.randrange(1, 40)
+                for tier in (c_path, py_path):
+                    tier.discard(first, min(count, pages - first))
+            elif action < 0.13:
+                for tier in (c_path, py_path):
+                    tier.compact()
+            else:
+                count = rng.randrange(2, min(40, pages - first) + 1)
+                # A few sizes, each straddling class boundaries, so that
+                # overwrites stay in place or move, and classes fill up.
+                data = b"".join(
+                    page_of(
+                        rng.choice(kinds),
+                        rng.randrange(10**6),
+                        rng.choice((300, 900, 1500, 2600)) + rng.randrange(40),
+                    )
+                    for _ in range(count)
+                )
+                outcomes = []
+                for tier in (c_path, py_path):
+                    try:
+                        outcomes.append(tier.store_pages(first, memoryview(data)))
+                    except StoreError as exc:
+                        outcomes.append(type(exc).__name__)
+                assert outcomes[0] == outcomes[1], f"step {step}"
+                stored += count
+            assert _zsmalloc_layout(c_path) == _zsmalloc_layout(py_path), f"step {step}"
+        for pgno in range(pages):
+            assert c_path.load(pgno) == py_path.load(pgno), f"page {pgno}"
+        c_path.check()
+        assert c_path.stats()["alloc_failures"] > 0, "the arena never filled up"
+        assert in_c > stored // 4, f"the C loop stored only {in_c} of {stored} pages"
+    finally:
+        c_path.close()
+        py_path.close()
+
+
+@needs_native
+def test_zs_place_refuses_tables_that_do_not_add_up() -> None:
+    """A bad index in zsmalloc's tables is an error, never a write elsewhere."""
+    assert NATIVE_PLACE is not None
+    tier = RamTier(64, 64 * PAGE_SIZE)
+    zs = tier.allocator
+    assert isinstance(zs, Zsmalloc)
+    try:
+        data = b"".join(page_of("data", i, 1000) for i in range(4))
+        tier.store_pages(0, memoryview(data))  # a zspage of that class, partly used
+        cls = zs.class_of[tier._handle[0] & HANDLE_LENGTH_MASK]
+        head = zs.lists.head[2 * cls]
+        out, sizes, words = encode_run(data, 3584)
+        for table, index, bad in (
+            (zs.lists.head, 2 * cls, tier.arena.frame_count),
+            (zs.zs_fresh, head, -16),
+            (zs.zs_fresh, head, len(tier.arena.map)),
+            (zs.zs_class, head, cls + 1),
+        ):
+            saved = table[index]
+            table[index] = bad
+            before = bytes(tier.arena.map)
+            with pytest.raises(ValueError, match="inconsistent at page 8"):
+                zs.place_run(8, 0, 4, out, sizes, words)
+            assert bytes(tier.arena.map) == before
+            table[index] = saved
+        tables = zs._tables
+        counters = array("q", bytes(40))
+        entries = array("Q", bytes(8 * 4))
+        with pytest.raises(ValueError, match="wrong size"):
+            NATIVE_PLACE(
+                (*tables[:1], array("H", bytes(128)), *tables[2:]),
+                counters,
+                8,
+                0,
+                4,
+                out,
+                sizes,
+                words,
+                entries,
+            )
+        with pytest.raises(ValueError, match="bad counters, run"):
+            NATIVE_PLACE(tables, counters, 62, 0, 4, out, sizes, words, entries)
+        with pytest.raises(TypeError):
+            NATIVE_PLACE(tables[:-1], counters, 8, 0, 4, out, sizes, words, entries)
+        done, grown = zs.place_run(8, 0, 4, out, sizes, words)
+        assert (done, grown) == (4, sum(sizes))
+        tier.compr_data_size += grown  # what `store_pages` does with it
+        assert [tier.load(p) for p in range(8, 12)] == [tier.load(p) for p in range(4)]
+        tier.check()
+    finally:
+        tier.close()
