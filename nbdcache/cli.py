@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     except activation.ActivationError as exc:
         print(f"nbdcache: socket activation: {exc}", file=sys.stderr)
         return 2
+    memlock.keep_heap()
     if cfg.server.mlock:
         # Before any thread is started: threads inherit the flag.
         refused = memlock.prepare_threads()
