@@ -370,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     except activation.ActivationError as exc:
         print(f"nbdcache: socket activation: {exc}", file=sys.stderr)
         return 2
-    memlock.keep_heap()
+    if memlock.keep_heap():
+        log.debug("malloc: buffers up to %d MiB from the heap", memlock.HEAP_BUFFER_MAX >> 20)
     if cfg.server.mlock:
         # Before any thread is started: threads inherit the flag.
         refused = memlock.prepare_threads()

@@ -27,8 +27,10 @@ into one, a few hundred KiB each.  With glibc's defaults such buffers are
 mapped afresh for each request, or the heap's top is given back after each,
 and the kernel faults every page of them in again: on the first write of a
 set of files that was the largest share of the event loop's time in the
-kernel.  Buffers up to `HEAP_BUFFER_MAX` now come from the heap, which keeps
-up to `HEAP_KEEP` bytes of free memory.
+kernel.  Buffers up to `HEAP_BUFFER_MAX` (the largest request) now come
+from the heap, which keeps up to `HEAP_KEEP` bytes of free memory at its top
+(resident, and locked with `--mlock`).  An operator's own malloc settings in
+the environment win.
 """
 
 from __future__ import annotations
@@ -48,10 +50,13 @@ THREAD_STACK = 1 << 20
 #: glibc's ``mallopt`` parameters.
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-#: Allocations up to this size come from the heap, not a mapping of their own.
-HEAP_BUFFER_MAX = 4 << 20
+#: Allocations up to this size come from the heap, not a mapping of their
+#: own: glibc's largest, which its own sliding threshold also ends at.
+HEAP_BUFFER_MAX = 32 << 20
 #: Free memory the heap keeps rather than give back to the kernel.
-HEAP_KEEP = 16 << 20
+HEAP_KEEP = 32 << 20
+#: Environment through which an operator tunes glibc's malloc instead.
+MALLOC_ENVIRONMENT = ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 class MemoryLockError(Exception):
@@ -123,8 +128,11 @@ def keep_heap() -> bool:
     """Serve request-sized buffers from a heap that keeps its memory (see
     the module docstring); returns whether libc took the settings.
 
-    Only glibc has these parameters; other C libraries are left alone.
+    Only glibc has these parameters; other C libraries are left alone, and
+    so is a glibc the environment tunes (`MALLOC_ENVIRONMENT`).
     """
+    if any(name in os.environ for name in MALLOC_ENVIRONMENT):
+        return False
     try:
         glibc = bool(os.confstr("CS_GNU_LIBC_VERSION"))
     except (ValueError, OSError):

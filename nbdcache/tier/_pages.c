@@ -313,7 +313,7 @@ static const Py_ssize_t zs_itemsize[ZS_TABLES] = {
     4, 4, 4, 2, 4,
 };
 /* Counters, in and out: the LRU's sequence number; then out only. */
-enum { C_SEQ, C_OBJECTS, C_COMPR, C_FRAGMENTED, C_ENTRIES, ZS_COUNTERS };
+enum { C_SEQ, C_OBJECTS, C_COMPR, C_FRAGMENTED, C_ENTRIES, C_NO_ROOM, ZS_COUNTERS };
 
 typedef struct {
     unsigned char *state;
@@ -409,22 +409,26 @@ zs_pick(const zs *z, int cls)
     return head;
 }
 
-/* Take a slot of zspage `head` (class `cls`, not full); -1 if a table is bad. */
+/* The slot zs_take would give from zspage `head`, checked; -1 if a table is bad. */
 static int64_t
-zs_take(zs *z, int32_t head, int cls, uint32_t pgno)
+zs_peek(const zs *z, int32_t head)
 {
     int64_t start = z->zs_freeobj[head];
     if (start != NIL) {
-        if (!zs_slot_ok(z, start))
-            return -1;
-        int64_t link = ((int64_t *)z->arena)[start >> 3];
-        if (link != NIL && !zs_slot_ok(z, link))
-            return -1;
-        z->zs_freeobj[head] = link;
+        int64_t link = zs_slot_ok(z, start) ? ((int64_t *)z->arena)[start >> 3] : -2;
+        return link == NIL || zs_slot_ok(z, link) ? start : -1;
+    }
+    start = z->zs_fresh[head];
+    return zs_slot_ok(z, start) ? start : -1;
+}
+
+/* Take slot `start` (from zs_peek) of zspage `head`, class `cls`, for `pgno`. */
+static void
+zs_take(zs *z, int32_t head, int cls, int64_t start, uint32_t pgno)
+{
+    if (z->zs_freeobj[head] == start) {
+        z->zs_freeobj[head] = ((int64_t *)z->arena)[start >> 3];
     } else {
-        start = z->zs_fresh[head];
-        if (!zs_slot_ok(z, start))
-            return -1;
         int64_t end = (start % PAGE_SIZE) + z->class_size[cls];
         if (end < PAGE_SIZE) {
             z->zs_fresh[head] = start + z->class_size[cls];
@@ -443,7 +447,6 @@ zs_take(zs *z, int32_t head, int cls, uint32_t pgno)
     }
     ((uint32_t *)z->arena)[start >> 2] = pgno;
     z->objects++;
-    return start;
 }
 
 /* Whether zs_free can free `handle` here: a live slot whose zspage keeps
@@ -493,80 +496,98 @@ zs_handle(const zs *z, int64_t addr, int size)
     return handle;
 }
 
-/* Copy a payload to where its handle says; 0 if it would leave the arena. */
+/* Whether a payload of `size` bytes fits where `handle` says, in the arena. */
 static int
+zs_write_ok(const zs *z, uint64_t handle, int size)
+{
+    int64_t addr = (int64_t)(handle >> HANDLE_SHIFT);
+    if (!(handle & HANDLE_SPLIT))
+        return addr <= z->arena_len - size;
+    int64_t cut = PAGE_SIZE - (addr % PAGE_SIZE);
+    int64_t more = z->zs_next[addr / PAGE_SIZE];
+    return zs_frame_ok(z, more) && more * PAGE_SIZE <= z->arena_len - (size - cut);
+}
+
+/* Copy a payload to where its handle says (checked by zs_write_ok). */
+static void
 zs_write(zs *z, uint64_t handle, const char *obj, int size)
 {
     int64_t addr = (int64_t)(handle >> HANDLE_SHIFT);
     if (!(handle & HANDLE_SPLIT)) {
-        if (addr > z->arena_len - size)
-            return 0;
         memcpy(z->arena + addr, obj, size);
-        return 1;
+        return;
     }
     int64_t cut = PAGE_SIZE - (addr % PAGE_SIZE);
     int64_t more = z->zs_next[addr / PAGE_SIZE];
-    if (!zs_frame_ok(z, more) || more * PAGE_SIZE > z->arena_len - (size - cut))
-        return 0;
     memcpy(z->arena + addr, obj, cut);
     memcpy(z->arena + more * PAGE_SIZE, obj + cut, size - cut);
-    return 1;
 }
 
-/* One page; 1 if done, 0 to leave it to Python, -1 if a table is bad. */
+/* One page; 1 if done, 0 to leave it to Python, 2 if it would be done but
+ * there is no `room` for its LRU entry, -1 if a table is bad.  Every check
+ * comes before the first change, so a bad table changes nothing. */
 static int
-zs_place_one(zs *z, uint32_t pgno, int size, uint64_t word, const char *obj, uint64_t *entry)
+zs_place_one(zs *z, uint32_t pgno, int size, uint64_t word, const char *obj, int room,
+             uint64_t *entry)
 {
     unsigned char old_state = z->state[pgno];
     uint64_t old = z->handles[pgno];
+    int old_size = (int)(old & HANDLE_LENGTH_MASK);
     int32_t old_head = NIL;
-    if (old_state == ST_RAM && (old & HANDLE_LENGTH_MASK) != PAGE_SIZE
-        && !zs_slot_ok(z, (int64_t)(old >> HANDLE_SHIFT) - ZS_OBJ_HEADER_SIZE))
-        return -1;
+    if (old_state == ST_RAM) {
+        if (old_size == 0 || old_size > PAGE_SIZE
+            || (old_size < PAGE_SIZE
+                && !zs_slot_ok(z, (int64_t)(old >> HANDLE_SHIFT) - ZS_OBJ_HEADER_SIZE)))
+            return -1;
+        if (old_size == PAGE_SIZE)
+            return 0; /* a huge frame goes back to the arena */
+    }
     if (size < 0) {
         if (old_state == ST_RAM) {
             if ((old_head = zs_freeable(z, old)) < 0)
                 return old_head == NIL ? 0 : -1;
             zs_free(z, old, old_head);
-            z->compr -= (int64_t)(old & HANDLE_LENGTH_MASK);
+            z->compr -= old_size;
         }
         z->handles[pgno] = word;
         z->state[pgno] = word ? ST_SAME : ST_ZERO;
         return 1;
     }
-    if (size <= 0 || size >= PAGE_SIZE)
+    if (size == 0 || size >= PAGE_SIZE)
         return 0; /* raw: Python counts it and may send it to the image */
     int cls = z->class_of[size];
     if (cls >= z->classes)
         return -1;
     uint64_t handle;
-    if (old_state == ST_RAM) {
-        int old_size = (int)(old & HANDLE_LENGTH_MASK);
-        if (old_size == PAGE_SIZE || old_size == 0)
-            return old_size ? 0 : -1;
-        if (z->class_of[old_size] == cls) { /* realloc in place */
-            handle = zs_handle(z, (int64_t)(old >> HANDLE_SHIFT), size);
-            goto write;
-        }
-        if ((old_head = zs_freeable(z, old)) < 0)
+    if (old_state == ST_RAM && z->class_of[old_size] == cls) { /* realloc in place */
+        handle = zs_handle(z, (int64_t)(old >> HANDLE_SHIFT), size);
+        if (!zs_write_ok(z, handle, size))
+            return -1;
+        if (!room)
+            return 2;
+    } else {
+        if (old_state == ST_RAM && (old_head = zs_freeable(z, old)) < 0)
             return old_head == NIL ? 0 : -1;
+        int32_t head = zs_pick(z, cls);
+        if (head < 0)
+            return head == NIL ? 0 : -1;
+        int64_t start = zs_peek(z, head);
+        if (start < 0)
+            return -1;
+        handle = zs_handle(z, start + ZS_OBJ_HEADER_SIZE, size);
+        if (!zs_write_ok(z, handle, size))
+            return -1;
+        if (!room)
+            return 2;
+        zs_take(z, head, cls, start, pgno);
     }
-    int32_t head = zs_pick(z, cls);
-    if (head < 0)
-        return head == NIL ? 0 : -1;
-    int64_t start = zs_take(z, head, cls, pgno);
-    if (start < 0)
-        return -1;
-    handle = zs_handle(z, start + ZS_OBJ_HEADER_SIZE, size);
-write:
-    if (!zs_write(z, handle, obj, size))
-        return -1;
+    zs_write(z, handle, obj, size);
     z->seq = (z->seq + 1) & STAMP_MASK;
     z->stamp[pgno] = z->seq;
     *entry = (uint64_t)pgno << 32 | z->seq;
     z->handles[pgno] = handle;
     if (old_state == ST_RAM) {
-        z->compr += size - (int64_t)(old & HANDLE_LENGTH_MASK);
+        z->compr += size - old_size;
         if (old_head >= 0)
             zs_free(z, old, old_head); /* after the page points at its new copy */
     } else {
@@ -584,8 +605,8 @@ PyDoc_STRVAR(zs_place_doc,
 "`tables` is the tuple of buffers Zsmalloc.place_run passes; `counters`\n"
 "(int64) holds the LRU sequence number in and out, then the change in live\n"
 "objects, the change in payload bytes, whether a full zspage lost an\n"
-"object, and how many LRU entries were written to `entries` (uint64),\n"
-"which bounds the pages stored.");
+"object, how many LRU entries were written to `entries` (uint64), and\n"
+"whether it stopped at a page it would store, for want of room there.");
 
 static PyObject *
 zs_place(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -685,18 +706,21 @@ zs_place(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const uint64_t *w = words.buf;
     uint64_t *e = entries.buf;
     Py_ssize_t room = entries.len / 8, n = 0, i = start;
+    int no_room = 0;
     z.seq = (uint32_t)c[C_SEQ];
-    for (; i < count && n < room; i++) {
-        int r = zs_place_one(&z, (uint32_t)(first + i), sz[i], w[i], (const char *)out.buf + i * PAGE_SIZE, &e[n]);
-        if (r <= 0) {
-            if (r < 0) {
-                PyErr_Format(PyExc_ValueError, "zsmalloc's tables are inconsistent at page %zd",
-                             first + i);
-            }
-            break;
+    for (; i < count; i++) {
+        const char *obj = (const char *)out.buf + i * PAGE_SIZE;
+        int r = zs_place_one(&z, (uint32_t)(first + i), sz[i], w[i], obj, n < room, e + n);
+        if (r == 1) {
+            n += sz[i] >= 0;
+            continue;
         }
-        if (sz[i] >= 0)
-            n++;
+        if (r == 2)
+            no_room = 1;
+        else if (r < 0)
+            PyErr_Format(PyExc_ValueError, "zsmalloc's tables are inconsistent at page %zd",
+                         first + i);
+        break;
     }
     /* What was done stays done: report it even when raising. */
     c[C_SEQ] = z.seq;
@@ -704,6 +728,7 @@ zs_place(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     c[C_COMPR] = z.compr;
     c[C_FRAGMENTED] = z.fragmented;
     c[C_ENTRIES] = n;
+    c[C_NO_ROOM] = no_room;
     if (!PyErr_Occurred())
         result = PyLong_FromSsize_t(i);
 end:

@@ -219,7 +219,8 @@ class FrameLists:
     def __init__(self, frame_count: int, list_count: int, masked: bool = True) -> None:
         self.prev = array("i", [NIL]) * frame_count
         self.next = array("i", [NIL]) * frame_count
-        self.list_of = array("b" if list_count < 128 else "h", [NIL]) * frame_count
+        # C code edits the lists without a mask (zsmalloc's): 16-bit list numbers.
+        self.list_of = array("b" if masked and list_count < 128 else "h", [NIL]) * frame_count
         self.head = array("i", [NIL]) * list_count
         self.masked = masked
         self.nonempty = 0
@@ -319,13 +320,17 @@ class StampLRU:
         return 8 * (len(self.queue) + len(self.cold))
 
     def push(self, key: int) -> None:
-        """`key` was just used: make it the most recent."""
+        """`key` was just used: make it the most recent.
+
+        The queue is cleaned before the entry goes in, not after: a key may
+        be pushed before it is `live` (a page is allocated, then made RAM),
+        and a clean then would drop its only entry.
+        """
+        if len(self.queue) >= self.limit:
+            self.clean()
         self.seq = seq = (self.seq + 1) & STAMP_MASK
         self.stamp[key] = seq
-        queue = self.queue
-        queue.append(key << 32 | seq)
-        if len(queue) > self.limit:
-            self.clean()
+        self.queue.append(key << 32 | seq)
 
     def make_cold(self, key: int) -> None:
         """Serve `key` first from `coldest` until it is pushed again."""

@@ -165,11 +165,7 @@ class RamTier:
         zsmalloc = self.allocator if isinstance(self.allocator, Zsmalloc) else None
         self._spans = None if zsmalloc is None else zsmalloc.zs_next
         # zsmalloc stores the common pages of a run in C (`store_pages`).
-        self._place_run = (
-            zsmalloc.place_run
-            if zsmalloc is not None and self._native is not None and NATIVE_PLACE is not None
-            else None
-        )
+        self._placer = zsmalloc if self._native is not None and NATIVE_PLACE is not None else None
         self._page_out = bytearray(PAGE_SIZE)
         self._page_view = memoryview(self._page_out)
         self._scratch_out = bytearray(_SCRATCH_PAGES << PAGE_SHIFT)
@@ -274,13 +270,15 @@ class RamTier:
             out, sizes, words = encoded
         view = memoryview(out)
         place = self._place
-        place_run = self._place_run
+        placer = self._placer
         i = 0
         while i < count:
-            if place_run is not None:
+            if placer is not None:
                 # The common pages in C; the loop below takes the one it left.
-                i, grown = place_run(first, i, count, out, sizes, words)
-                self.compr_data_size += grown
+                try:
+                    i = placer.place_run(first, i, count, out, sizes, words)
+                finally:
+                    self.compr_data_size += placer.run_bytes
                 if i == count:
                     break
             size = sizes[i]

@@ -199,8 +199,10 @@ class Zsmalloc:
             self.lists.list_of,
             self.lru.stamp,
         )
-        self._entries = array("Q", bytes(8 * _RUN_ENTRIES))
-        self._entry_bytes = memoryview(self._entries).cast("B")
+        # The LRU entries of one call, and the payload bytes of the last run.
+        self._entries = memoryview(array("Q", bytes(8 * _RUN_ENTRIES)))
+        self._entry_bytes = self._entries.cast("B")
+        self.run_bytes = 0
 
     # -- zspages -----------------------------------------------------------
 
@@ -327,15 +329,14 @@ class Zsmalloc:
             self.lists.remove(head)
             self.lists.push(lst | _ALMOST_FULL, head)
         self._owner[start >> 2] = pgno
-        self.objects_live += 1
-        # StampLRU.push, inlined.
+        # StampLRU.push, inlined; a clean counts the objects before this one.
         lru = self.lru
+        if len(lru.queue) >= lru.limit:
+            lru.clean()
         lru.seq = seq = (lru.seq + 1) & STAMP_MASK
         lru.stamp[pgno] = seq
-        queue = lru.queue
-        queue.append(pgno << 32 | seq)
-        if len(queue) > lru.limit:
-            lru.clean()
+        lru.queue.append(pgno << 32 | seq)
+        self.objects_live += 1
         addr = start + OBJ_HEADER_SIZE
         if (addr & _OFFSET_MASK) + size > PAGE_SIZE:
             frame = addr >> PAGE_SHIFT
@@ -371,8 +372,8 @@ class Zsmalloc:
         self.zs_class[frame] = HUGE_CLASS
         self.huge_owner[frame] = pgno
         self.huge_frames += 1
-        self.objects_live += 1
         self.lru.push(pgno)
+        self.objects_live += 1
         return frame << (PAGE_SHIFT + HANDLE_SHIFT) | PAGE_SIZE
 
     def place_run(
@@ -383,34 +384,51 @@ class Zsmalloc:
         out: bytearray,
         sizes: array[int],
         words: array[int],
-    ) -> tuple[int, int]:
+    ) -> int:
         """Store pages `first`+`start`, ... of an encoded run (`native.encode`'s
         out, sizes, words) in C while no frame changes hands.
 
         The same as `RamTier.store_pages` page by page, for the common cases
         only (see ``zs_place`` in _pages.c).  Returns the index of the first
-        page left for the caller (`count` if none) and the change in payload
-        bytes; the allocator's own counters and the LRU are updated here.
+        page left for the caller (`count` if none).  The allocator's own
+        counters and the LRU are kept here; the change in payload bytes,
+        which the tier counts, is `run_bytes`, set even when this raises.
         """
         lru = self.lru
-        counters = array("q", (lru.seq, 0, 0, 0, 0))
-        try:
-            assert NATIVE_PLACE is not None
-            done = NATIVE_PLACE(
-                self._tables, counters, first, start, count, out, sizes, words, self._entries
-            )
-        finally:
-            # What the loop did stays done, even if it then found a bad table.
-            lru.seq = counters[0]
-            self.objects_live += counters[1]
-            if counters[3]:
-                self._fragmented = True
-            if counters[4]:
-                queue = lru.queue
-                queue.frombytes(self._entry_bytes[: 8 * counters[4]])
-                if len(queue) > lru.limit:
-                    lru.clean()
-        return done, counters[2]
+        self.run_bytes = 0
+        done = start
+        room = lru.limit - len(lru.queue)
+        while True:
+            counters = array("q", (lru.seq, 0, 0, 0, 0, 0))
+            try:
+                assert NATIVE_PLACE is not None
+                done = NATIVE_PLACE(
+                    self._tables,
+                    counters,
+                    first,
+                    done,
+                    count,
+                    out,
+                    sizes,
+                    words,
+                    self._entries[: max(0, min(room, _RUN_ENTRIES))],
+                )
+            finally:
+                # What the loop did stays done, even if it then found a bad table.
+                lru.seq = counters[0]
+                self.objects_live += counters[1]
+                self.run_bytes += counters[2]
+                if counters[3]:
+                    self._fragmented = True
+                lru.queue.frombytes(self._entry_bytes[: 8 * counters[4]])
+            if not counters[5]:  # the end of the run, or a page for the caller
+                return done
+            # The loop stopped at a page it would store, for want of room for
+            # its LRU entry: clean the queue where `StampLRU.push` would.
+            room = lru.limit - len(lru.queue)
+            if room <= 0:
+                lru.clean()
+                room = max(1, lru.limit - len(lru.queue))
 
     def realloc(self, handle: int, size: int, pgno: int) -> int:
         old = handle & HANDLE_LENGTH_MASK

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from nbdcache import memlock
+
 _PROBE = """
 import ctypes, sys
 from nbdcache import memlock
@@ -26,7 +28,7 @@ def in_heap(buf):
 
 before = in_heap(bytearray(1 << 20))
 took = memlock.keep_heap()
-after = [in_heap(bytearray(n)) for n in (1 << 20, 1 << 20, 3 << 20)]
+after = [in_heap(bytearray(n)) for n in (1 << 20, 1 << 20, 3 << 20, 30 << 20)]
 print(before, took, all(after))
 """
 
@@ -40,7 +42,17 @@ def _glibc() -> bool:
 
 @pytest.mark.skipif(not _glibc(), reason="mallopt's parameters are glibc's")
 def test_request_sized_buffers_come_from_the_heap_once_kept() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in memlock.MALLOC_ENVIRONMENT}
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True, env=env
     ).stdout.split()
     assert out == ["False", "True", "True"]
+
+
+@pytest.mark.skipif(not _glibc(), reason="mallopt's parameters are glibc's")
+def test_an_operators_malloc_settings_win() -> None:
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "131072"}
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True, env=env
+    ).stdout.split()
+    assert out == ["False", "False", "False"]

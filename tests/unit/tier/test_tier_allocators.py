@@ -273,3 +273,37 @@ def test_patch_rewrites_part_of_a_page(allocator: str) -> None:
     with pytest.raises(ValueError, match="does not fit"):
         tier.patch(1, PAGE_SIZE - 2, b"abc")
     assert tier.flush() is None and tier.sync_pages(0, 8) is None
+
+
+@pytest.mark.parametrize("allocator", list(ALLOCATORS))
+@pytest.mark.parametrize("native_path", [True, False])
+def test_a_page_stored_as_the_lru_is_cleaned_can_still_be_written_back(
+    allocator: str, native_path: bool
+) -> None:
+    """The allocation that fills the LRU's queue cleans it; the page being
+    stored is not RAM yet then, and its entry must not be the one dropped,
+    or writeback would never find it."""
+    tier = RamTier(64, 64 * PAGE_SIZE, allocator=allocator)
+    if not native_path:
+        tier._native = None
+        tier._placer = None
+    lru = tier.allocator.lru  # type: ignore[attr-defined]
+    try:
+        for pgno in range(8):
+            tier.store(pgno, page_of("data", pgno, 1000))
+        tier.discard(0, 4)
+        for first in (40, 50):
+            for pgno in range(10, 30):  # stale entries, enough for a clean to drop
+                tier.store(pgno, page_of("data", pgno, 1000))
+            tier.discard(10, 20)
+            lru.limit = len(lru.queue)  # the next entry cleans first
+            data = b"".join(page_of("data", first + i, 1000 + 300 * i) for i in range(3))
+            tier.store_pages(first, memoryview(data))
+            assert len(lru.queue) < 20, "the queue was not cleaned"
+        tier.store(60, page_of("random", 60, 0))
+        coldest = tier.coldest_pages(64)
+        for pgno in (4, 5, 6, 7, 40, 41, 42, 50, 51, 52, 60):
+            assert pgno in coldest, f"page {pgno} cannot be written back"
+        tier.check()
+    finally:
+        tier.close()

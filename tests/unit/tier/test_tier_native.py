@@ -20,9 +20,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tier_helpers import TIER_SETTINGS, page_of
 
-from nbdcache.tier import DISK, PAGE_SIZE, RAM, ZERO_PAGE, NoSpace, StoreError
+from nbdcache.tier import DISK, PAGE_SIZE, RAM, ZERO, ZERO_PAGE, NoSpace, StoreError
 from nbdcache.tier import ram as ram_module
-from nbdcache.tier.arena import HANDLE_LENGTH_MASK, HANDLE_SHIFT, HANDLE_SPLIT, ArenaFull
+from nbdcache.tier.arena import (
+    HANDLE_LENGTH_MASK,
+    HANDLE_SHIFT,
+    HANDLE_SPLIT,
+    ArenaFull,
+    StampLRU,
+)
 from nbdcache.tier.codec import Codec, filled_word, native
 from nbdcache.tier.ram import ALLOCATORS, RamTier
 from nbdcache.tier.zsmalloc import NATIVE_PLACE, Zsmalloc
@@ -431,40 +437,50 @@ def _zsmalloc_layout(tier: RamTier) -> dict[str, object]:
 
 @needs_native
 @pytest.mark.parametrize("overcommit", [True, False])
-def test_zs_place_leaves_zsmalloc_exactly_as_the_python_loop_does(overcommit: bool) -> None:
-    """Runs of every kind of page, over pages in every state, in an arena
-    that fills up: the C loop and the Python loop leave the same slots, lists,
-    LRU and counters, page for page, and the C loop does most of the work."""
+def test_zs_place_leaves_zsmalloc_exactly_as_the_python_loop_does(
+    overcommit: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs of every kind of page, over pages in every state (DISK too), in
+    an arena that fills up, with the LRU cleaned often: the C loop and the
+    Python loop leave the same slots, lists, LRU and counters, page for
+    page, and the C loop stores most of the pages."""
     assert NATIVE_PLACE is not None
+    monkeypatch.setattr(StampLRU, "_SLACK", 40)  # clean the LRU every few runs
     rng = random.Random(overcommit)
     pages = 256
     c_path = RamTier(pages, 96 * PAGE_SIZE, overcommit=overcommit)
     py_path = RamTier(pages, 96 * PAGE_SIZE, overcommit=overcommit)
-    py_path._place_run = None
-    real_place_run = c_path._place_run
-    assert real_place_run is not None
-    in_c = 0
+    py_path._placer = None
+    zs = c_path._placer
+    assert zs is not None
+    real_place_run = zs.place_run
+    in_c = placed = 0
 
-    def counted(first: int, start: int, count: int, *buffers: object) -> tuple[int, int]:
+    def counted(first: int, start: int, count: int, *buffers: object) -> int:
         nonlocal in_c
-        done, grown = real_place_run(first, start, count, *buffers)  # type: ignore[arg-type]
+        done = real_place_run(first, start, count, *buffers)  # type: ignore[arg-type]
         in_c += done - start
-        return done, grown
+        return done
 
-    c_path._place_run = counted
+    zs.place_run = counted  # type: ignore[method-assign]
     kinds = ["zero", "same", "random", "data", "data", "data", "data"]
-    stored = 0
+    cleans = 0
     try:
-        for step in range(400):
+        for step in range(600):
             action = rng.random()
             first = rng.randrange(pages - 2)
-            if action < 0.1:
+            if action < 0.08:
                 count = rng.randrange(1, 40)
                 for tier in (c_path, py_path):
                     tier.discard(first, min(count, pages - first))
-            elif action < 0.13:
+            elif action < 0.1:
                 for tier in (c_path, py_path):
                     tier.compact()
+            elif action < 0.16:  # written back: the image holds these now
+                for pgno in range(first, min(pages, first + 8)):
+                    if c_path.state(pgno) == RAM:
+                        for tier in (c_path, py_path):
+                            tier.release(pgno)
             else:
                 count = rng.randrange(2, min(40, pages - first) + 1)
                 # A few sizes, each straddling class boundaries, so that
@@ -478,19 +494,25 @@ def test_zs_place_leaves_zsmalloc_exactly_as_the_python_loop_does(overcommit: bo
                     for _ in range(count)
                 )
                 outcomes = []
+                queue = c_path.allocator.lru.queue  # type: ignore[attr-defined]
                 for tier in (c_path, py_path):
                     try:
                         outcomes.append(tier.store_pages(first, memoryview(data)))
                     except StoreError as exc:
                         outcomes.append(type(exc).__name__)
                 assert outcomes[0] == outcomes[1], f"step {step}"
-                stored += count
+                cleans += c_path.allocator.lru.queue is not queue  # type: ignore[attr-defined]
+                if isinstance(outcomes[0], tuple):
+                    placed += outcomes[0][0]
             assert _zsmalloc_layout(c_path) == _zsmalloc_layout(py_path), f"step {step}"
         for pgno in range(pages):
-            assert c_path.load(pgno) == py_path.load(pgno), f"page {pgno}"
+            if c_path.state(pgno) != DISK:
+                assert c_path.load(pgno) == py_path.load(pgno), f"page {pgno}"
         c_path.check()
         assert c_path.stats()["alloc_failures"] > 0, "the arena never filled up"
-        assert in_c > stored // 4, f"the C loop stored only {in_c} of {stored} pages"
+        assert c_path.stats()["disk_pages"] > 0, "no page was ever written back"
+        assert cleans > 5, "the LRU was hardly ever cleaned"
+        assert in_c > placed // 2, f"the C loop stored only {in_c} of {placed} pages"
     finally:
         c_path.close()
         py_path.close()
@@ -498,7 +520,8 @@ def test_zs_place_leaves_zsmalloc_exactly_as_the_python_loop_does(overcommit: bo
 
 @needs_native
 def test_zs_place_refuses_tables_that_do_not_add_up() -> None:
-    """A bad index in zsmalloc's tables is an error, never a write elsewhere."""
+    """A bad index in zsmalloc's tables is an error that changes nothing,
+    never a write elsewhere; what a run did before it stays counted."""
     assert NATIVE_PLACE is not None
     tier = RamTier(64, 64 * PAGE_SIZE)
     zs = tier.allocator
@@ -508,20 +531,34 @@ def test_zs_place_refuses_tables_that_do_not_add_up() -> None:
         tier.store_pages(0, memoryview(data))  # a zspage of that class, partly used
         cls = zs.class_of[tier._handle[0] & HANDLE_LENGTH_MASK]
         head = zs.lists.head[2 * cls]
-        out, sizes, words = encode_run(data, 3584)
-        for table, index, bad in (
-            (zs.lists.head, 2 * cls, tier.arena.frame_count),
-            (zs.zs_fresh, head, -16),
-            (zs.zs_fresh, head, len(tier.arena.map)),
-            (zs.zs_class, head, cls + 1),
+        run = encode_run(data, 3584)
+        zeros = encode_run(bytes(len(data)), 3584)  # frees the old objects
+        for table, index, bad, at, encoded in (
+            (zs.lists.head, 2 * cls, tier.arena.frame_count, 8, run),
+            (zs.zs_fresh, head, -16, 8, run),
+            (zs.zs_fresh, head, len(tier.arena.map), 8, run),
+            (zs.zs_class, head, cls + 1, 8, run),
+            (zs.zs_head, head, tier.arena.frame_count, 0, zeros),
+            (tier._handle, 0, tier._handle[0] | HANDLE_LENGTH_MASK, 0, run),  # 8191 bytes
+            (tier._handle, 0, (len(tier.arena.map) + 4) << HANDLE_SHIFT | 1000, 0, run),
         ):
             saved = table[index]
             table[index] = bad
-            before = bytes(tier.arena.map)
-            with pytest.raises(ValueError, match="inconsistent at page 8"):
-                zs.place_run(8, 0, 4, out, sizes, words)
-            assert bytes(tier.arena.map) == before
+            before = bytes(tier.arena.map), _zsmalloc_layout(tier)
+            with pytest.raises(ValueError, match=f"inconsistent at page {at}"):
+                zs.place_run(at, 0, 4, *encoded)
+            assert (bytes(tier.arena.map), _zsmalloc_layout(tier)) == before
             table[index] = saved
+        out, sizes, words = run
+        # Two pages stored, then a bad table: the two stay stored and counted.
+        tier.store_pages(20, memoryview(data[: 3 * PAGE_SIZE]))
+        saved = tier._handle[22]
+        tier._handle[22] = saved | HANDLE_LENGTH_MASK
+        with pytest.raises(ValueError, match="inconsistent at page 22"):
+            tier.store_pages(20, memoryview(bytes(3 * PAGE_SIZE)))
+        tier._handle[22] = saved
+        assert [tier.state(p) for p in (20, 21, 22)] == [ZERO, ZERO, RAM]
+        tier.check()  # the payload bytes and live objects of the two were counted
         tables = zs._tables
         counters = array("q", bytes(40))
         entries = array("Q", bytes(8 * 4))
@@ -541,9 +578,7 @@ def test_zs_place_refuses_tables_that_do_not_add_up() -> None:
             NATIVE_PLACE(tables, counters, 62, 0, 4, out, sizes, words, entries)
         with pytest.raises(TypeError):
             NATIVE_PLACE(tables[:-1], counters, 8, 0, 4, out, sizes, words, entries)
-        done, grown = zs.place_run(8, 0, 4, out, sizes, words)
-        assert (done, grown) == (4, sum(sizes))
-        tier.compr_data_size += grown  # what `store_pages` does with it
+        assert tier.store_pages(8, memoryview(data)) == (4, [])
         assert [tier.load(p) for p in range(8, 12)] == [tier.load(p) for p in range(4)]
         tier.check()
     finally:
