@@ -437,6 +437,30 @@ def test_pipelined_requests_in_one_segment(server: Any, raw_nbd: Fixture) -> Non
     assert client.simple_reply(8 * 5000) == (0, 500, want)
 
 
+def test_disconnect_behind_pipelined_large_writes_gets_every_reply_first(
+    server: Any, raw_nbd: Fixture
+) -> None:
+    """Large writes finish later (encoded off the loop), in bunches; a DISC
+    sent right behind them still gets every reply before the close, and
+    the data is there for the next client."""
+    client = raw_nbd(server)
+    client.handshake()
+    batch = b""
+    for i in range(12):
+        batch += client.request_header(CMD_WRITE, i * 256 * 1024, 256 * 1024, cookie=600 + i)
+        batch += bytes([0x40 + i]) * (256 * 1024)
+    batch += client.request_header(CMD_DISC, 0, 0, cookie=699)
+    client.sock.sendall(batch)
+    got = replies_by_cookie(client, {}, set(range(600, 612)))
+    assert all(error == 0 for error, _ in got.values()), got
+    assert client.closed_by_peer()
+    reader = raw_nbd(server)
+    reader.handshake()
+    for i in (0, 11):
+        reader.request(CMD_READ, i * 256 * 1024 + 4096, 4096, cookie=i)
+        assert reader.simple_reply(4096) == (0, i, bytes([0x40 + i]) * 4096)
+
+
 @pytest.mark.parametrize("claimed", [33 * MiB, 1024 * MiB])
 def test_oversized_write_payload_is_not_buffered(
     start_server: Fixture, raw_nbd: Fixture, nbdsh: Fixture, claimed: int
