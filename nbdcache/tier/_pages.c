@@ -288,13 +288,16 @@ end:
  *     class (almost full ones first), then the old object, if any, freed.
  *
  * It stops, leaving the page for Python, at a raw (incompressible) page, at
- * a huge old object, when a class has no partly used zspage (a new zspage
- * takes frames: the arena's capacity rules, compaction) and when a free
- * would empty a zspage (its frames go back to the arena).  Python then
- * serves that page as before and calls again for the rest, so there is one
- * write path with a shortcut, not two: the same tables, in the same order,
- * with the same LRU stamps.  Every index read from the tables is checked
- * before use; a table that fails the check raises ValueError.
+ * a huge old object and when a free would empty a zspage (its frames go back
+ * to the arena).  Python then serves that page as before and calls again
+ * for the rest, so there is one write path with a shortcut, not two: the
+ * same tables, in the same order, with the same LRU stamps.  It also stops,
+ * and says why, where Python must act first and the page is then its own
+ * again: a class with no partly used zspage (a new zspage takes frames: the
+ * arena's capacity rules, compaction), or no room left for LRU entries (the
+ * queue is cleaned before it grows further).  Every index read from the
+ * tables is checked before use; a table that fails the check raises
+ * ValueError.
  */
 #define NIL (-1)
 #define ZS_OBJ_HEADER_SIZE 4
@@ -313,7 +316,9 @@ static const Py_ssize_t zs_itemsize[ZS_TABLES] = {
     4, 4, 4, 2, 4,
 };
 /* Counters, in and out: the LRU's sequence number; then out only. */
-enum { C_SEQ, C_OBJECTS, C_COMPR, C_FRAGMENTED, C_ENTRIES, C_NO_ROOM, ZS_COUNTERS };
+enum { C_SEQ, C_OBJECTS, C_COMPR, C_FRAGMENTED, C_ENTRIES, C_STOP, ZS_COUNTERS };
+/* What zs_place_one made of a page, and why the loop stopped (C_STOP). */
+enum { ZS_BAD = -1, ZS_PYTHON, ZS_DONE, ZS_NO_ROOM, ZS_NO_ZSPAGE };
 
 typedef struct {
     unsigned char *state;
@@ -523,8 +528,9 @@ zs_write(zs *z, uint64_t handle, const char *obj, int size)
     memcpy(z->arena + more * PAGE_SIZE, obj + cut, size - cut);
 }
 
-/* One page; 1 if done, 0 to leave it to Python, 2 if it would be done but
- * there is no `room` for its LRU entry, -1 if a table is bad.  Every check
+/* One page: ZS_DONE, ZS_PYTHON to leave it to Python, ZS_NO_ROOM if it
+ * would be done but there is no `room` for its LRU entry, ZS_NO_ZSPAGE if
+ * its class needs a new zspage first, ZS_BAD if a table is bad.  Every check
  * comes before the first change, so a bad table changes nothing. */
 static int
 zs_place_one(zs *z, uint32_t pgno, int size, uint64_t word, const char *obj, int room,
@@ -538,47 +544,47 @@ zs_place_one(zs *z, uint32_t pgno, int size, uint64_t word, const char *obj, int
         if (old_size == 0 || old_size > PAGE_SIZE
             || (old_size < PAGE_SIZE
                 && !zs_slot_ok(z, (int64_t)(old >> HANDLE_SHIFT) - ZS_OBJ_HEADER_SIZE)))
-            return -1;
+            return ZS_BAD;
         if (old_size == PAGE_SIZE)
-            return 0; /* a huge frame goes back to the arena */
+            return ZS_PYTHON; /* a huge frame goes back to the arena */
     }
     if (size < 0) {
         if (old_state == ST_RAM) {
             if ((old_head = zs_freeable(z, old)) < 0)
-                return old_head == NIL ? 0 : -1;
+                return old_head == NIL ? ZS_PYTHON : ZS_BAD;
             zs_free(z, old, old_head);
             z->compr -= old_size;
         }
         z->handles[pgno] = word;
         z->state[pgno] = word ? ST_SAME : ST_ZERO;
-        return 1;
+        return ZS_DONE;
     }
     if (size == 0 || size >= PAGE_SIZE)
-        return 0; /* raw: Python counts it and may send it to the image */
+        return ZS_PYTHON; /* raw: Python counts it and may send it to the image */
     int cls = z->class_of[size];
     if (cls >= z->classes)
-        return -1;
+        return ZS_BAD;
     uint64_t handle;
     if (old_state == ST_RAM && z->class_of[old_size] == cls) { /* realloc in place */
         handle = zs_handle(z, (int64_t)(old >> HANDLE_SHIFT), size);
         if (!zs_write_ok(z, handle, size))
-            return -1;
+            return ZS_BAD;
         if (!room)
-            return 2;
+            return ZS_NO_ROOM;
     } else {
         if (old_state == ST_RAM && (old_head = zs_freeable(z, old)) < 0)
-            return old_head == NIL ? 0 : -1;
+            return old_head == NIL ? ZS_PYTHON : ZS_BAD;
         int32_t head = zs_pick(z, cls);
         if (head < 0)
-            return head == NIL ? 0 : -1;
+            return head == NIL ? ZS_NO_ZSPAGE : ZS_BAD;
         int64_t start = zs_peek(z, head);
         if (start < 0)
-            return -1;
+            return ZS_BAD;
         handle = zs_handle(z, start + ZS_OBJ_HEADER_SIZE, size);
         if (!zs_write_ok(z, handle, size))
-            return -1;
+            return ZS_BAD;
         if (!room)
-            return 2;
+            return ZS_NO_ROOM;
         zs_take(z, head, cls, start, pgno);
     }
     zs_write(z, handle, obj, size);
@@ -594,7 +600,7 @@ zs_place_one(zs *z, uint32_t pgno, int size, uint64_t word, const char *obj, int
         z->state[pgno] = ST_RAM;
         z->compr += size;
     }
-    return 1;
+    return ZS_DONE;
 }
 
 PyDoc_STRVAR(zs_place_doc,
@@ -606,7 +612,8 @@ PyDoc_STRVAR(zs_place_doc,
 "(int64) holds the LRU sequence number in and out, then the change in live\n"
 "objects, the change in payload bytes, whether a full zspage lost an\n"
 "object, how many LRU entries were written to `entries` (uint64), and\n"
-"whether it stopped at a page it would store, for want of room there.");
+"why it stopped: 0 for the end or a page for Python, 2 for want of room\n"
+"in `entries`, 3 for want of a zspage of the page's class.");
 
 static PyObject *
 zs_place(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -706,29 +713,24 @@ zs_place(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const uint64_t *w = words.buf;
     uint64_t *e = entries.buf;
     Py_ssize_t room = entries.len / 8, n = 0, i = start;
-    int no_room = 0;
+    int r = ZS_PYTHON;
     z.seq = (uint32_t)c[C_SEQ];
     for (; i < count; i++) {
         const char *obj = (const char *)out.buf + i * PAGE_SIZE;
-        int r = zs_place_one(&z, (uint32_t)(first + i), sz[i], w[i], obj, n < room, e + n);
-        if (r == 1) {
-            n += sz[i] >= 0;
-            continue;
-        }
-        if (r == 2)
-            no_room = 1;
-        else if (r < 0)
-            PyErr_Format(PyExc_ValueError, "zsmalloc's tables are inconsistent at page %zd",
-                         first + i);
-        break;
+        r = zs_place_one(&z, (uint32_t)(first + i), sz[i], w[i], obj, n < room, e + n);
+        if (r != ZS_DONE)
+            break;
+        n += sz[i] >= 0;
     }
+    if (r == ZS_BAD)
+        PyErr_Format(PyExc_ValueError, "zsmalloc's tables are inconsistent at page %zd", first + i);
     /* What was done stays done: report it even when raising. */
     c[C_SEQ] = z.seq;
     c[C_OBJECTS] = z.objects;
     c[C_COMPR] = z.compr;
     c[C_FRAGMENTED] = z.fragmented;
     c[C_ENTRIES] = n;
-    c[C_NO_ROOM] = no_room;
+    c[C_STOP] = i < count && r != ZS_BAD ? r : ZS_PYTHON;
     if (!PyErr_Occurred())
         result = PyLong_FromSsize_t(i);
 end:
@@ -1033,6 +1035,8 @@ PyInit__pages(void)
         || PyModule_AddIntConstant(m, "HANDLE_SPLIT", HANDLE_SPLIT) < 0
         || PyModule_AddIntConstant(m, "ZS_OBJ_HEADER_SIZE", ZS_OBJ_HEADER_SIZE) < 0
         || PyModule_AddIntConstant(m, "ZS_HUGE_CLASS", ZS_HUGE_CLASS) < 0
+        || PyModule_AddIntConstant(m, "ZS_NO_ROOM", ZS_NO_ROOM) < 0
+        || PyModule_AddIntConstant(m, "ZS_NO_ZSPAGE", ZS_NO_ZSPAGE) < 0
         || PyModule_AddIntConstant(m, "LZ4_VERSION", LZ4_versionNumber()) < 0) {
         Py_DECREF(m);
         return NULL;

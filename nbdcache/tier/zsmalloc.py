@@ -52,7 +52,7 @@ from array import array
 from collections.abc import Callable
 from typing import Final
 
-from nbdcache.tier import PAGE_SHIFT, PAGE_SIZE, RAM
+from nbdcache.tier import HOLE, PAGE_SHIFT, PAGE_SIZE, RAM
 from nbdcache.tier.arena import (
     HANDLE_LENGTH_MASK,
     HANDLE_SHIFT,
@@ -83,12 +83,20 @@ _OFFSET_MASK: Final = PAGE_SIZE - 1
 _RUN_ENTRIES: Final = 256
 
 
+#: Why `zs_place` stopped short of a page it could store (its counters[5]).
+_NO_ROOM: Final = 2
+_NO_ZSPAGE: Final = 3
+
+
 def _load_place() -> Callable[..., int] | None:
     """The C loop behind `place_run`, if the build has one for this layout."""
-    if native is None or (native.ZS_OBJ_HEADER_SIZE, native.ZS_HUGE_CLASS) != (
-        OBJ_HEADER_SIZE,
-        HUGE_CLASS,
-    ):
+    layout = {
+        "ZS_OBJ_HEADER_SIZE": OBJ_HEADER_SIZE,
+        "ZS_HUGE_CLASS": HUGE_CLASS,
+        "ZS_NO_ROOM": _NO_ROOM,
+        "ZS_NO_ZSPAGE": _NO_ZSPAGE,
+    }
+    if native is None or any(getattr(native, k, None) != v for k, v in layout.items()):
         return None
     place: Callable[..., int] = native.zs_place
     return place
@@ -421,14 +429,26 @@ class Zsmalloc:
                 if counters[3]:
                     self._fragmented = True
                 lru.queue.frombytes(self._entry_bytes[: 8 * counters[4]])
-            if not counters[5]:  # the end of the run, or a page for the caller
+            stop = counters[5]
+            if stop == _NO_ZSPAGE:
+                # The page's class has no zspage with room: make one as
+                # `alloc` would, then go on (a full arena: the caller's).
+                pgno = first + done
+                try:
+                    self._new_zspage_or_compact(
+                        self.class_of[sizes[done]], self.state[pgno] != HOLE
+                    )
+                except ArenaFull:
+                    return done
+            elif stop == _NO_ROOM:
+                # Room for LRU entries ran out: clean where `StampLRU.push` would.
+                if len(lru.queue) >= lru.limit:
+                    lru.clean()
+                    room = max(1, lru.limit - len(lru.queue))
+                    continue
+            else:  # the end of the run, or a page for the caller
                 return done
-            # The loop stopped at a page it would store, for want of room for
-            # its LRU entry: clean the queue where `StampLRU.push` would.
             room = lru.limit - len(lru.queue)
-            if room <= 0:
-                lru.clean()
-                room = max(1, lru.limit - len(lru.queue))
 
     def realloc(self, handle: int, size: int, pgno: int) -> int:
         old = handle & HANDLE_LENGTH_MASK
