@@ -31,9 +31,11 @@ the kernel's huge class); their owner is kept in a side array.
 Storing runs of pages: `place_run` hands the common cases (a slot from a
 partly used zspage, an overwrite in place, a zero page over an object that
 leaves its zspage in use) to a C loop, ``zs_place`` in _pages.c, which edits
-these same tables in the same order, and stops at the first page that needs
-a frame to change hands; the tier then stores that page through `alloc`
-and `free` as before and calls again.
+these same tables in the same order.  Where frames must change hands the
+loop stops: for a class with no room, `place_run` makes the new zspage as
+`alloc` would and calls again; a raw page, a huge old object or a free that
+empties a zspage goes back to the tier, which stores it through `alloc` and
+`free`.
 
 The LRU is per object, in store order: a `StampLRU` keyed by page number
 (4 bytes per device page for the stamps).  Eviction therefore frees
