@@ -336,6 +336,7 @@ class Connection(asyncio.BufferedProtocol):
         if not self.closing:
             log.info("%s: dropping connection: %s", self.peer, reason)
             self.server.connections_dropped += 1
+            self._send_replies()  # requests already done are answered, as they finished
         self.closing = True
         if self.transport is not None:
             self.transport.abort()
@@ -452,7 +453,7 @@ class Connection(asyncio.BufferedProtocol):
         self.timer = None
         if self.closing:
             return
-        if self.seen or self.inflight:
+        if self.seen or self.inflight or self.replies:
             self._schedule_idle_check()
         else:
             self.abort(f"idle for {self.server.limits.idle_timeout:g}s")
@@ -688,7 +689,7 @@ class Connection(asyncio.BufferedProtocol):
             and self.inflight < self.server.max_inflight_requests
         ):
             self.store_paused = False
-            if not self.write_paused:
+            if not (self.write_paused or self.draining):
                 self.transport.resume_reading()
                 self._process()
 

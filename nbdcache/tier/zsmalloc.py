@@ -81,7 +81,7 @@ _ALMOST_EMPTY: Final = 0
 _ALMOST_FULL: Final = 1
 HUGE_CLASS: Final = 0xFFFF
 _OFFSET_MASK: Final = PAGE_SIZE - 1
-#: Pages `place_run` stores in RAM per call, at most (LRU entries it buffers).
+#: Pages one call of `zs_place` stores in RAM, at most (LRU entries it buffers).
 _RUN_ENTRIES: Final = 256
 
 

@@ -300,7 +300,12 @@ def test_a_page_stored_as_the_lru_is_cleaned_can_still_be_written_back(
             data = b"".join(page_of("data", first + i, 1000 + 300 * i) for i in range(3))
             tier.store_pages(first, memoryview(data))
             assert len(lru.queue) < 20, "the queue was not cleaned"
+        for pgno in range(10, 30):
+            tier.store(pgno, page_of("data", pgno, 1000))
+        tier.discard(10, 20)
+        lru.limit = len(lru.queue)  # a raw page's entry cleans first too
         tier.store(60, page_of("random", 60, 0))
+        assert len(lru.queue) < 20, "the queue was not cleaned"
         coldest = tier.coldest_pages(64)
         for pgno in (4, 5, 6, 7, 40, 41, 42, 50, 51, 52, 60):
             assert pgno in coldest, f"page {pgno} cannot be written back"

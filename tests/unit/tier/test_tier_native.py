@@ -519,6 +519,53 @@ def test_zs_place_leaves_zsmalloc_exactly_as_the_python_loop_does(
 
 
 @needs_native
+def test_zs_place_takes_runs_longer_than_its_entries_and_new_zspages_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Runs of hundreds of pages (more than one call's LRU entries), into an
+    empty tier and over it again: on the first write the C loop gets its
+    zspages made and stores every page itself, and every run ends as the
+    Python path leaves it."""
+    assert NATIVE_PLACE is not None
+    monkeypatch.setattr(StampLRU, "_SLACK", 100)  # cleans within the runs too
+    pages = 1600
+    c_path = RamTier(pages, 1024 * PAGE_SIZE)
+    py_path = RamTier(pages, 1024 * PAGE_SIZE)
+    py_path._placer = None
+    rng = random.Random(5)
+
+    def no_python_place(*args: object) -> None:
+        raise AssertionError("a compressed page took the Python path")
+
+    try:
+        data = b""
+        # After the discard, the LRU holds far more stale entries than live
+        # ones: rewrites in place (the same data again) fill it up to where
+        # a clean would drop them, calls of 256 entries at a time.
+        for first, count in ((0, 700), (700, 300), (100, 900), (0, 1600), (0, 800), (0, 800)):
+            if count == 800:
+                data = data[: 800 * PAGE_SIZE]
+                for tier in (c_path, py_path):
+                    tier.discard(800, 800)
+            else:
+                data = b"".join(
+                    page_of("data", rng.randrange(10**6), 1200 + rng.randrange(60))
+                    for _ in range(count)
+                )
+            if first == 0 and count == 700:  # a first write: nothing to free
+                c_path._place = no_python_place  # type: ignore[method-assign]
+            for tier in (c_path, py_path):
+                assert tier.store_pages(first, memoryview(data)) == (count, [])
+            vars(c_path).pop("_place", None)
+            assert _zsmalloc_layout(c_path) == _zsmalloc_layout(py_path), (first, count)
+        assert c_path.stats()["zspages"] > 10
+        c_path.check()
+    finally:
+        c_path.close()
+        py_path.close()
+
+
+@needs_native
 def test_zs_place_refuses_tables_that_do_not_add_up() -> None:
     """A bad index in zsmalloc's tables is an error that changes nothing,
     never a write elsewhere; what a run did before it stays counted."""
