@@ -124,6 +124,14 @@ def prepare_threads() -> str | None:
     return os.strerror(err)
 
 
+def is_glibc() -> bool:
+    """Whether the C library is glibc (its ``mallopt`` parameters apply)."""
+    try:
+        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (ValueError, OSError):
+        return False
+
+
 def keep_heap() -> bool:
     """Serve request-sized buffers from a heap that keeps its memory (see
     the module docstring); returns whether libc took the settings.
@@ -133,11 +141,7 @@ def keep_heap() -> bool:
     """
     if any(name in os.environ for name in MALLOC_ENVIRONMENT):
         return False
-    try:
-        glibc = bool(os.confstr("CS_GNU_LIBC_VERSION"))
-    except (ValueError, OSError):
-        glibc = False
-    mallopt = getattr(_libc(), "mallopt", None) if glibc else None
+    mallopt = getattr(_libc(), "mallopt", None) if is_glibc() else None
     if mallopt is None:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, HEAP_BUFFER_MAX)) and bool(

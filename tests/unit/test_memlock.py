@@ -33,14 +33,7 @@ print(before, took, all(after))
 """
 
 
-def _glibc() -> bool:
-    try:
-        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
-    except (ValueError, OSError):
-        return False
-
-
-@pytest.mark.skipif(not _glibc(), reason="mallopt's parameters are glibc's")
+@pytest.mark.skipif(not memlock.is_glibc(), reason="mallopt's parameters are glibc's")
 def test_request_sized_buffers_come_from_the_heap_once_kept() -> None:
     env = {k: v for k, v in os.environ.items() if k not in memlock.MALLOC_ENVIRONMENT}
     out = subprocess.run(
@@ -49,7 +42,7 @@ def test_request_sized_buffers_come_from_the_heap_once_kept() -> None:
     assert out == ["False", "True", "True"]
 
 
-@pytest.mark.skipif(not _glibc(), reason="mallopt's parameters are glibc's")
+@pytest.mark.skipif(not memlock.is_glibc(), reason="mallopt's parameters are glibc's")
 def test_an_operators_malloc_settings_win() -> None:
     env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "131072"}
     out = subprocess.run(
