@@ -15,7 +15,8 @@
  *
  * and one loop that places a run of encoded pages in the arena:
  *
- *   zs_place - zsmalloc's common store path (see its comment below).
+ *   zs_place - zsmalloc's common store path (see its comment below);
+ *   zs_release - its common free path, for pages written back.
  *
  * Every decision about frames (taking them, giving them back, compaction,
  * the capacity rules) stays in Python; zs_place stops where one is needed.
@@ -615,55 +616,31 @@ PyDoc_STRVAR(zs_place_doc,
 "why it stopped: 0 for the end or a page for Python, 2 for want of room\n"
 "in `entries`, 3 for want of a zspage of the page's class.");
 
-static PyObject *
-zs_place(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* Take buffers of zsmalloc's tables (the tuple Zsmalloc passes) into `z`.
+ * Returns how many of `t` are held (ZS_TABLES), or -1 with an exception
+ * set, nothing then held. */
+static int
+zs_open(PyObject *tables, Py_buffer t[ZS_TABLES], zs *z)
 {
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "zs_place() takes 9 arguments");
-        return NULL;
-    }
-    PyObject *tables = args[0];
     if (!PyTuple_Check(tables) || PyTuple_GET_SIZE(tables) != ZS_TABLES) {
-        PyErr_SetString(PyExc_TypeError, "zs_place() needs the tuple of zsmalloc's tables");
-        return NULL;
+        PyErr_SetString(PyExc_TypeError, "needs the tuple of zsmalloc's tables");
+        return -1;
     }
-    Py_ssize_t first = PyLong_AsSsize_t(args[2]);
-    Py_ssize_t start = PyLong_AsSsize_t(args[3]);
-    Py_ssize_t count = PyLong_AsSsize_t(args[4]);
-    if ((first == -1 || start == -1 || count == -1) && PyErr_Occurred())
-        return NULL;
-    Py_buffer t[ZS_TABLES], counters, out, sizes, words, entries;
-    int held = 0, extra = 0;
-    PyObject *result = NULL;
+    int held = 0;
     for (; held < ZS_TABLES; held++) {
         int flags = held == T_CLASS_OF || held == T_CLASS_SIZE || held == T_CLASS_OBJS
                             || held == T_CLASS_FULL_AT
                         ? PyBUF_SIMPLE
                         : PyBUF_WRITABLE;
         if (PyObject_GetBuffer(PyTuple_GET_ITEM(tables, held), &t[held], flags) < 0)
-            goto end;
+            goto fail;
         if (t[held].itemsize != zs_itemsize[held]) {
             PyErr_Format(PyExc_ValueError, "zsmalloc table %d has items of the wrong size", held);
             held++;
-            goto end;
+            goto fail;
         }
     }
-    if (PyObject_GetBuffer(args[1], &counters, PyBUF_WRITABLE) < 0)
-        goto end;
-    extra++;
-    if (PyObject_GetBuffer(args[5], &out, PyBUF_SIMPLE) < 0)
-        goto end;
-    extra++;
-    if (PyObject_GetBuffer(args[6], &sizes, PyBUF_SIMPLE) < 0)
-        goto end;
-    extra++;
-    if (PyObject_GetBuffer(args[7], &words, PyBUF_SIMPLE) < 0)
-        goto end;
-    extra++;
-    if (PyObject_GetBuffer(args[8], &entries, PyBUF_WRITABLE) < 0)
-        goto end;
-    extra++;
-    zs z = {
+    *z = (zs){
         .state = t[T_STATE].buf,
         .handles = t[T_HANDLES].buf,
         .arena = t[T_ARENA].buf,
@@ -689,18 +666,65 @@ zs_place(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         .lists = t[T_LIST_HEAD].len / 4,
     };
     /* Compared by subtraction and division: no sum or product can overflow. */
-    if (z.pages > (Py_ssize_t)STAMP_MASK + 1 || t[T_HANDLES].len / 8 != z.pages
-        || t[T_STAMP].len / 4 != z.pages || t[T_CLASS_OF].len / 2 != PAGE_SIZE + 1
-        || t[T_CLASS_OBJS].len / 2 != z.classes || t[T_CLASS_FULL_AT].len / 2 != z.classes
-        || z.lists != 2 * z.classes
-        || t[T_ZS_HEAD].len / 4 != z.frames || t[T_ZS_NEXT].len / 4 != z.frames
-        || t[T_ZS_CLASS].len / 2 != z.frames || t[T_ZS_INUSE].len / 2 != z.frames
-        || t[T_ZS_FREEOBJ].len / 8 != z.frames || t[T_ZS_FRESH].len / 8 != z.frames
-        || t[T_LIST_PREV].len / 4 != z.frames || t[T_LIST_NEXT].len / 4 != z.frames
-        || t[T_LIST_OF].len / 2 != z.frames) {
+    if (z->pages > (Py_ssize_t)STAMP_MASK + 1 || t[T_HANDLES].len / 8 != z->pages
+        || t[T_STAMP].len / 4 != z->pages || t[T_CLASS_OF].len / 2 != PAGE_SIZE + 1
+        || t[T_CLASS_OBJS].len / 2 != z->classes || t[T_CLASS_FULL_AT].len / 2 != z->classes
+        || z->lists != 2 * z->classes
+        || t[T_ZS_HEAD].len / 4 != z->frames || t[T_ZS_NEXT].len / 4 != z->frames
+        || t[T_ZS_CLASS].len / 2 != z->frames || t[T_ZS_INUSE].len / 2 != z->frames
+        || t[T_ZS_FREEOBJ].len / 8 != z->frames || t[T_ZS_FRESH].len / 8 != z->frames
+        || t[T_LIST_PREV].len / 4 != z->frames || t[T_LIST_NEXT].len / 4 != z->frames
+        || t[T_LIST_OF].len / 2 != z->frames) {
         PyErr_SetString(PyExc_ValueError, "zsmalloc's tables do not match each other");
-        goto end;
+        goto fail;
     }
+    return held;
+fail:
+    for (int k = 0; k < held; k++)
+        PyBuffer_Release(&t[k]);
+    return -1;
+}
+
+static void
+zs_close(Py_buffer t[ZS_TABLES])
+{
+    for (int k = 0; k < ZS_TABLES; k++)
+        PyBuffer_Release(&t[k]);
+}
+
+static PyObject *
+zs_place(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "zs_place() takes 9 arguments");
+        return NULL;
+    }
+    Py_ssize_t first = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t start = PyLong_AsSsize_t(args[3]);
+    Py_ssize_t count = PyLong_AsSsize_t(args[4]);
+    if ((first == -1 || start == -1 || count == -1) && PyErr_Occurred())
+        return NULL;
+    Py_buffer t[ZS_TABLES], counters, out, sizes, words, entries;
+    zs z;
+    if (zs_open(args[0], t, &z) < 0)
+        return NULL;
+    int extra = 0;
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(args[1], &counters, PyBUF_WRITABLE) < 0)
+        goto end;
+    extra++;
+    if (PyObject_GetBuffer(args[5], &out, PyBUF_SIMPLE) < 0)
+        goto end;
+    extra++;
+    if (PyObject_GetBuffer(args[6], &sizes, PyBUF_SIMPLE) < 0)
+        goto end;
+    extra++;
+    if (PyObject_GetBuffer(args[7], &words, PyBUF_SIMPLE) < 0)
+        goto end;
+    extra++;
+    if (PyObject_GetBuffer(args[8], &entries, PyBUF_WRITABLE) < 0)
+        goto end;
+    extra++;
     if (counters.len != ZS_COUNTERS * 8 || counters.itemsize != 8 || sizes.itemsize != 4
         || words.itemsize != 8 || entries.itemsize != 8 || first < 0 || start < 0
         || count < start || first > z.pages || count > z.pages - first
@@ -734,9 +758,84 @@ zs_place(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (!PyErr_Occurred())
         result = PyLong_FromSsize_t(i);
 end:
-    for (int k = 0; k < held; k++)
-        PyBuffer_Release(&t[k]);
+    zs_close(t);
     Py_buffer *more[] = {&counters, &out, &sizes, &words, &entries};
+    for (int k = 0; k < extra; k++)
+        PyBuffer_Release(more[k]);
+    return result;
+}
+
+PyDoc_STRVAR(zs_release_doc,
+"zs_release(tables, counters, pages, start) -> int\n\n"
+"Release the RAM copies of pages[start], pages[start+1], ... (uint32 page\n"
+"numbers) that the backing image now holds: free each object and make the\n"
+"page DISK, until a page needs Python (not RAM, a huge object, or a free\n"
+"that would empty its zspage); returns the index of that page, or\n"
+"len(pages).  `counters` is zs_place's: the change in live objects, in\n"
+"payload bytes and whether a full zspage lost an object come out.");
+
+static PyObject *
+zs_release(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "zs_release() takes 4 arguments");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[3]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer t[ZS_TABLES], counters, pages;
+    zs z;
+    if (zs_open(args[0], t, &z) < 0)
+        return NULL;
+    int extra = 0;
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(args[1], &counters, PyBUF_WRITABLE) < 0)
+        goto end;
+    extra++;
+    if (PyObject_GetBuffer(args[2], &pages, PyBUF_SIMPLE) < 0)
+        goto end;
+    extra++;
+    Py_ssize_t count = pages.len / 4;
+    if (counters.len != ZS_COUNTERS * 8 || counters.itemsize != 8 || pages.itemsize != 4
+        || start < 0 || start > count) {
+        PyErr_SetString(PyExc_ValueError, "zs_release(): bad counters or pages");
+        goto end;
+    }
+    const uint32_t *pg = pages.buf;
+    Py_ssize_t i = start;
+    int bad = 0;
+    for (; i < count; i++) {
+        uint32_t pgno = pg[i];
+        if (pgno >= z.pages || z.state[pgno] != ST_RAM)
+            break;
+        uint64_t handle = z.handles[pgno];
+        int size = (int)(handle & HANDLE_LENGTH_MASK);
+        if (size == 0 || size > PAGE_SIZE) {
+            bad = 1;
+            break;
+        }
+        int32_t head = zs_freeable(&z, handle);
+        if (head < 0) {
+            bad = head != NIL;
+            break;
+        }
+        zs_free(&z, handle, head);
+        z.compr -= size;
+        z.handles[pgno] = 0;
+        z.state[pgno] = ST_DISK;
+    }
+    if (bad)
+        PyErr_Format(PyExc_ValueError, "zsmalloc's tables are inconsistent at page %u", pg[i]);
+    int64_t *c = counters.buf;
+    c[C_OBJECTS] = z.objects;
+    c[C_COMPR] = z.compr;
+    c[C_FRAGMENTED] = z.fragmented;
+    if (!PyErr_Occurred())
+        result = PyLong_FromSsize_t(i);
+end:
+    zs_close(t);
+    Py_buffer *more[] = {&counters, &pages};
     for (int k = 0; k < extra; k++)
         PyBuffer_Release(more[k]);
     return result;
@@ -1001,6 +1100,7 @@ static PyMethodDef methods[] = {
     {"encode_page", (PyCFunction)(void (*)(void))encode_page, METH_FASTCALL, encode_page_doc},
     {"decode", decode, METH_VARARGS, decode_doc},
     {"zs_place", (PyCFunction)(void (*)(void))zs_place, METH_FASTCALL, zs_place_doc},
+    {"zs_release", (PyCFunction)(void (*)(void))zs_release, METH_FASTCALL, zs_release_doc},
     {NULL, NULL, 0, NULL},
 };
 

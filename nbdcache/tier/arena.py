@@ -347,12 +347,19 @@ class StampLRU:
         )
 
     def clean(self) -> None:
-        """Drop stale entries once they could be half of the queue."""
+        """Drop stale entries once they could be half of the queue.
+
+        Entries before `head` are known to be stale: they go in any case, or
+        under writeback (which skips them at the cold end) the queue would
+        stay at its limit and every push would come here.
+        """
         live = self.count()
         if len(self.queue) - self.head > 2 * live or len(self.cold) > live:
             self.queue = self._current(self.queue[self.head :])
-            self.head = 0
             self.cold = self._current(self.cold)
+        elif self.head:
+            del self.queue[: self.head]
+        self.head = 0
         self.limit = 2 * live + self._SLACK
 
     def iter_coldest(self) -> Iterator[int]:

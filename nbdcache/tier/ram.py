@@ -207,6 +207,10 @@ class RamTier:
                 self._place(pgno, data, PAGE_SIZE)  # copied into the arena
                 self.incompressible += 1
             else:
+                placer = self._placer
+                if placer is not None and placer.place_one(pgno, size, self._page_out):
+                    self.compr_data_size += placer.run_bytes
+                    return
                 self._place(pgno, self._page_view[:size], size)
             return
         page = data if type(data) is bytes else bytes(data)
@@ -472,6 +476,26 @@ class RamTier:
         self._drop(pgno)
         self._handle[pgno] = 0
         self._state[pgno] = DISK
+
+    def release_pages(self, pages: list[int]) -> None:
+        """`release` of each of `pages`, in C (zsmalloc) where no frame
+        changes hands."""
+        placer = self._placer
+        if placer is None or len(pages) < 2:
+            for pgno in pages:
+                self.release(pgno)
+            return
+        run = array("I", pages)
+        i = 0
+        while True:
+            try:
+                i = placer.release_run(run, i)
+            finally:
+                self.compr_data_size += placer.run_bytes
+            if i == len(pages):
+                return
+            self.release(pages[i])
+            i += 1
 
     def is_raw(self, pgno: int) -> bool:
         """Whether a RAM page is kept raw (it did not compress)."""

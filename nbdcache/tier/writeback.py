@@ -1147,17 +1147,20 @@ class WritebackStore:
         if fut.cancelled() or fut.exception() is not None:
             self._io_failed("write", pages, fut)
             return
-        ram = self.ram
+        state = self._state
+        released: list[int] = []
         for pgno, same in zip(pages, untouched, strict=True):
             if not same:
                 self.offram_dirty = True  # rewritten or trimmed meanwhile: look again
                 continue
             self.img[pgno] = IMG_CLEAN
             self.pages_written_back += 1
-            if release and ram.state(pgno) == RAM:
-                ram.release(pgno)
-                if self.policy.exclusive_gets == "eager":
-                    self.exclusive_releases += 1
+            if release and state[pgno] == RAM:
+                released.append(pgno)
+        if released:
+            self.ram.release_pages(released)
+            if self.policy.exclusive_gets == "eager":
+                self.exclusive_releases += len(released)
         self._pump_waiters()
         self._schedule()
 

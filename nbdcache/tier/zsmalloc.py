@@ -98,7 +98,11 @@ def _load_place() -> Callable[..., int] | None:
         "ZS_NO_ROOM": _NO_ROOM,
         "ZS_NO_ZSPAGE": _NO_ZSPAGE,
     }
-    if native is None or any(getattr(native, k, None) != v for k, v in layout.items()):
+    if (
+        native is None
+        or any(getattr(native, k, None) != v for k, v in layout.items())
+        or not hasattr(native, "zs_release")
+    ):
         return None
     place: Callable[..., int] = native.zs_place
     return place
@@ -106,6 +110,10 @@ def _load_place() -> Callable[..., int] | None:
 
 #: `zs_place`, or None: then `place_run` must not be called.
 NATIVE_PLACE: Final = _load_place()
+#: The C loop behind `release_run`, from the same build as `NATIVE_PLACE`.
+NATIVE_RELEASE: Final[Callable[..., int] | None] = (
+    None if NATIVE_PLACE is None or native is None else native.zs_release
+)
 
 
 def chain_size(class_size: int, max_pages: int = ZS_MAX_PAGES_PER_ZSPAGE) -> int:
@@ -213,6 +221,11 @@ class Zsmalloc:
         self._entries = memoryview(array("Q", bytes(8 * _RUN_ENTRIES)))
         self._entry_bytes = self._entries.cast("B")
         self.run_bytes = 0
+        # What `place_one` hands the C loop for its one page.
+        self._one_counters = array("q", bytes(8 * 6))
+        self._one_size = array("i", [0])
+        self._one_word = array("Q", [0])
+        self._one_entry = array("Q", [0])
 
     # -- zspages -----------------------------------------------------------
 
@@ -451,6 +464,59 @@ class Zsmalloc:
             else:  # the end of the run, or a page for the caller
                 return done
             room = lru.limit - len(lru.queue)
+
+    def place_one(self, pgno: int, size: int, obj: bytearray) -> bool:
+        """`place_run` of one compressed page (`size` bytes at the start of
+        `obj`), for a single-page write.  False if the page is left to the
+        caller, nothing changed: where a frame must change hands or the LRU
+        queue is due for a clean.  The change in payload bytes is `run_bytes`.
+        """
+        lru = self.lru
+        if len(lru.queue) >= lru.limit:
+            return False
+        counters = self._one_counters
+        counters[0] = lru.seq
+        self._one_size[0] = size
+        assert NATIVE_PLACE is not None
+        if not NATIVE_PLACE(
+            self._tables,
+            counters,
+            pgno,
+            0,
+            1,
+            obj,
+            self._one_size,
+            self._one_word,
+            self._one_entry,
+        ):
+            return False
+        lru.seq = counters[0]
+        self.objects_live += counters[1]
+        self.run_bytes = counters[2]
+        if counters[3]:
+            self._fragmented = True
+        lru.queue.append(self._one_entry[0])
+        return True
+
+    def release_run(self, pages: array[int], start: int) -> int:
+        """Free the objects of RAM pages `pages`[`start`:] (uint32) whose
+        content the backing image now holds, making them DISK, in C while no
+        frame changes hands (see ``zs_release`` in _pages.c).
+
+        Returns the index of the first page left for the caller (``len(pages)``
+        if none).  The change in payload bytes, which the tier counts, is
+        `run_bytes`, set even when this raises.
+        """
+        counters = self._one_counters
+        counters[1] = counters[2] = counters[3] = 0
+        try:
+            assert NATIVE_RELEASE is not None
+            return NATIVE_RELEASE(self._tables, counters, pages, start)
+        finally:
+            self.objects_live += counters[1]
+            self.run_bytes = counters[2]
+            if counters[3]:
+                self._fragmented = True
 
     def realloc(self, handle: int, size: int, pgno: int) -> int:
         old = handle & HANDLE_LENGTH_MASK

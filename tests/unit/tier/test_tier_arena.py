@@ -152,6 +152,36 @@ def test_stamp_lru_queue_stays_bounded() -> None:
     assert lru.coldest(4) == [0, 1, 2, 3]
 
 
+def test_a_queue_drained_from_its_cold_end_is_not_cleaned_at_every_push(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Writeback's pattern: keys are pushed, and the coldest die a few at a
+    time.  The stale entries `coldest` skips at the cold end go at the next
+    clean, so cleans stay rare (amortised) instead of coming at every push,
+    and the queue keeps room for the entries a run of stores adds."""
+    keys = _Keys()
+    lru = StampLRU(1000, keys.is_live, keys.count)
+    cleans = 0
+    real_clean = StampLRU.clean
+
+    def counted(self: StampLRU) -> None:
+        nonlocal cleans
+        cleans += 1
+        real_clean(self)
+
+    monkeypatch.setattr(StampLRU, "clean", counted)
+    pushes = 30_000
+    for i in range(pushes):
+        key = i % 1000
+        keys.live.add(key)
+        lru.push(key)
+        if len(keys.live) > 100:  # written back: the coldest leave the tier
+            keys.live.difference_update(lru.coldest(10))
+    assert cleans < pushes // 1000, f"{cleans} cleans in {pushes} pushes"
+    assert len(lru.queue) < lru.limit
+    assert sorted(lru.coldest(1000)) == sorted(keys.live)
+
+
 def test_too_small_an_arena_is_refused() -> None:
     with pytest.raises(ValueError, match="frame"):
         Arena(PAGE_SIZE - 1)

@@ -440,10 +440,11 @@ def _zsmalloc_layout(tier: RamTier) -> dict[str, object]:
 def test_zs_place_leaves_zsmalloc_exactly_as_the_python_loop_does(
     overcommit: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Runs of every kind of page, over pages in every state (DISK too), in
-    an arena that fills up, with the LRU cleaned often: the C loop and the
-    Python loop leave the same slots, lists, LRU and counters, page for
-    page, and the C loop stores most of the pages."""
+    """Runs and single pages of every kind, over pages in every state (DISK
+    too), in an arena that fills up, with the LRU cleaned often, and pages
+    written back (released) a run at a time: the C loops and the Python
+    loop leave the same slots, lists, LRU and counters, page for page, and
+    the C loops store and release most of the pages."""
     assert NATIVE_PLACE is not None
     monkeypatch.setattr(StampLRU, "_SLACK", 40)  # clean the LRU every few runs
     rng = random.Random(overcommit)
@@ -463,7 +464,26 @@ def test_zs_place_leaves_zsmalloc_exactly_as_the_python_loop_does(
         return done
 
     zs.place_run = counted  # type: ignore[method-assign]
+    real_place_one = zs.place_one
+    real_release_run = zs.release_run
+    singles_in_c = singles = released_in_c = released = 0
+
+    def counted_one(pgno: int, size: int, obj: bytearray) -> bool:
+        nonlocal singles_in_c
+        done = real_place_one(pgno, size, obj)
+        singles_in_c += done
+        return done
+
+    def counted_release(run: array[int], start: int) -> int:
+        nonlocal released_in_c
+        done = real_release_run(run, start)
+        released_in_c += done - start
+        return done
+
+    zs.place_one = counted_one  # type: ignore[method-assign]
+    zs.release_run = counted_release  # type: ignore[method-assign]
     kinds = ["zero", "same", "random", "data", "data", "data", "data"]
+    sizes = (300, 900, 1500, 2600)
     cleans = 0
     try:
         for step in range(600):
@@ -477,10 +497,25 @@ def test_zs_place_leaves_zsmalloc_exactly_as_the_python_loop_does(
                 for tier in (c_path, py_path):
                     tier.compact()
             elif action < 0.16:  # written back: the image holds these now
-                for pgno in range(first, min(pages, first + 8)):
-                    if c_path.state(pgno) == RAM:
-                        for tier in (c_path, py_path):
-                            tier.release(pgno)
+                ram = [p for p in range(first, min(pages, first + 24)) if c_path.state(p) == RAM]
+                c_path.release_pages(ram)
+                for pgno in ram:
+                    py_path.release(pgno)
+                released += len(ram)
+            elif action < 0.3:  # a single-page write
+                page = page_of(
+                    rng.choice(kinds),
+                    rng.randrange(10**6),
+                    rng.choice(sizes) + rng.randrange(40),
+                )
+                outcomes = []
+                for tier in (c_path, py_path):
+                    try:
+                        outcomes.append(tier.store(first, page))
+                    except (StoreError, ArenaFull) as exc:
+                        outcomes.append(type(exc).__name__)
+                assert outcomes[0] == outcomes[1], f"step {step}"
+                singles += c_path.state(first) == RAM
             else:
                 count = rng.randrange(2, min(40, pages - first) + 1)
                 # A few sizes, each straddling class boundaries, so that
@@ -489,7 +524,7 @@ def test_zs_place_leaves_zsmalloc_exactly_as_the_python_loop_does(
                     page_of(
                         rng.choice(kinds),
                         rng.randrange(10**6),
-                        rng.choice((300, 900, 1500, 2600)) + rng.randrange(40),
+                        rng.choice(sizes) + rng.randrange(40),
                     )
                     for _ in range(count)
                 )
@@ -513,6 +548,8 @@ def test_zs_place_leaves_zsmalloc_exactly_as_the_python_loop_does(
         assert c_path.stats()["disk_pages"] > 0, "no page was ever written back"
         assert cleans > 5, "the LRU was hardly ever cleaned"
         assert in_c > placed // 2, f"the C loop stored only {in_c} of {placed} pages"
+        assert singles_in_c > singles // 2, f"C stored {singles_in_c} of {singles} single pages"
+        assert released_in_c > released // 2, f"C released {released_in_c} of {released} pages"
     finally:
         c_path.close()
         py_path.close()
