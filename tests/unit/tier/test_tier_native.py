@@ -643,8 +643,18 @@ def test_zs_place_refuses_tables_that_do_not_add_up() -> None:
         tier._handle[22] = saved
         assert [tier.state(p) for p in (20, 21, 22)] == [ZERO, ZERO, RAM]
         tier.check()  # the payload bytes and live objects of the two were counted
+        # Written back: a bad table stops the release before the page changes.
+        run_of = array("I", [0, 1, 2])
+        frame = (tier._handle[1] >> HANDLE_SHIFT) // PAGE_SIZE
+        saved = zs.zs_head[frame]
+        zs.zs_head[frame] = tier.arena.frame_count
+        before = bytes(tier.arena.map), _zsmalloc_layout(tier)
+        with pytest.raises(ValueError, match="inconsistent at page 1"):
+            zs.release_run(run_of, 1)
+        assert (bytes(tier.arena.map), _zsmalloc_layout(tier)) == before
+        zs.zs_head[frame] = saved
         tables = zs._tables
-        counters = array("q", bytes(40))
+        counters = array("q", bytes(48))
         entries = array("Q", bytes(8 * 4))
         with pytest.raises(ValueError, match="wrong size"):
             NATIVE_PLACE(
