@@ -22,7 +22,14 @@ Phases:
    - ``seqwrite-128k``: sequential 128 KiB writes, iodepth 8;
    - ``randwrite-4k``: random 4 KiB writes over the whole device, iodepth 32.
 
-2. tier not full: a fresh server of the same size and tier; a working set of
+2. peer: ``nbdkit file`` (C) on a sparse image of the device's size in the
+   same directory, filled the same way, then the same jobs through fio's
+   ``nbd`` engine, its image fsynced after each job and that time counted.
+   It is not judged: it shows what the same client reaches through an NBD
+   server that only writes to the file system (on a small machine, fio's
+   own CPU per request bounds every NBD server's 4 KiB rate).
+
+3. tier not full: a fresh server of the same size and tier; a working set of
    half the tier is written once, then the same jobs run over that working set
    only. Nothing is written back, so the latencies show what the writeback path
    adds when the tier is full.
@@ -418,7 +425,14 @@ class Bench:
         self.raw = tmp / "raw.file"
         self.engine = "psync"
         self.servers: list[Server] = []
-        self.results: dict[str, Any] = {"full": {}, "not_full": {}, "raw": {}, "errors": []}
+        self.peer = tmp / "nbdkit-file.img"
+        self.results: dict[str, Any] = {
+            "full": {},
+            "not_full": {},
+            "raw": {},
+            "peer": {},
+            "errors": [],
+        }
 
     def fio_timeout(self, nbytes: int = 0) -> float:
         return self.args.runtime + 120 + nbytes / (2 * MiB)
@@ -610,6 +624,58 @@ class Bench:
             with contextlib.suppress(OSError):
                 self.raw.unlink()
 
+    def phase_peer(self) -> None:
+        """The same fill and jobs through ``nbdkit file`` on an image in the
+        same directory: a C NBD server writing straight to the file system,
+        with the same client (fio's nbd engine).  Its image is fsynced after
+        each job and that time counted, as for nbdcache."""
+        nbdkit = shutil.which("nbdkit")
+        if nbdkit is None:
+            print("--- nbdkit not found: no nbdkit file row")
+            return
+        a = self.args
+        print("--- peer: nbdkit file, image in the same directory, the same fill and jobs")
+        with open(self.peer, "wb") as f:
+            f.truncate(a.size)
+        port = free_port()
+        argv = [nbdkit, "-f", "-p", str(port), "-i", HOST, "file", str(self.peer)]
+        proc = launch(argv, self.out / "logs" / "nbdkit-file.log")
+        try:
+            deadline = time.monotonic() + 30
+            while not port_open(port):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"nbdkit file did not start: {shlex.join(argv)}")
+                time.sleep(0.1)
+            run_fio(
+                [*nbd_args(port), *fill_args(a.size)],
+                self.out / "fio" / f"peer-{FILL.name}.json",
+                self.fio_timeout(a.size),
+            )
+            fsync_path(self.peer)
+            for job in JOBS:
+                res = run_fio(
+                    [*nbd_args(port), *timed_args(job, a.size, a.runtime)],
+                    self.out / "fio" / f"peer-{job.name}.json",
+                    self.fio_timeout(),
+                )
+                res["image_fsync_s"] = fsync_path(self.peer)
+                res["synced_bw_bytes"] = res["io_bytes"] / (res["runtime_s"] + res["image_fsync_s"])
+                self.results["peer"][job.name] = res
+                print(
+                    f"  {job.name:16} nbdkit file {res['synced_bw_bytes'] / MiB:7.1f} MiB/s "
+                    f"(fio {res['bw_bytes'] / MiB:.1f}, fsync {res['image_fsync_s']:.2f} s), "
+                    f"fio CPU {res['fio_usr_pct'] + res['fio_sys_pct']:.0f} %"
+                )
+        finally:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            with contextlib.suppress(OSError):
+                self.peer.unlink()
+
     def phase_not_full(self) -> None:
         a = self.args
         area = a.ram // 2
@@ -658,6 +724,7 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
     for job in [FILL, *JOBS]:
         full = results["full"].get(job.name)
         raw = results["raw"].get(job.name)
+        peer = results["peer"].get(job.name)
         nf = results["not_full"].get(job.name) if job is not FILL else None
         nb_bw = full.get("synced_bw_bytes") if full else None
         raw_bw = raw["bw_bytes"] if raw else None
@@ -668,6 +735,8 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
             "nbdcache_fio_mib_s": full["bw_bytes"] / MiB if full else None,
             "raw_mib_s": raw_bw / MiB if raw_bw else None,
             "ratio": ratio,
+            "nbdkit_file_mib_s": peer["synced_bw_bytes"] / MiB if peer else None,
+            "nbdkit_file_ratio": nb_bw / peer["synced_bw_bytes"] if nb_bw and peer else None,
             "target": job.target,
             "ok": None if job.target is None or ratio is None else ratio >= job.target,
             "wb_pages_per_s": full["wb_pages_per_s"] if full else None,
@@ -701,8 +770,9 @@ def format_table(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     )
     cols = (
         f"{'job':15} {'nbdcache':>9} {'raw file':>9} {'ratio':>6}  {'target':11} "
+        f"{'nbdkit':>7} {'ratio':>6}  "
         f"{'wb pages/s':>10}  {'clat p50/p99 ms':>16}  {'clat p50/p99 ms':>16}  {'p99':>6}"
-        f"\n{'':15} {'MiB/s':>9} {'MiB/s':>9} {'':>6}  {'':11} {'':>10}  "
+        f"\n{'':15} {'MiB/s':>9} {'MiB/s':>9} {'':>6}  {'':11} {'file':>7} {'':>6}  {'':>10}  "
         f"{'tier not full':>16}  {'tier full':>16}  {'rise':>6}"
     )
     lines = [head, "", cols]
@@ -719,14 +789,21 @@ def format_table(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         fu = f"{_ms(p50[1])}/{_ms(p99[1])}" if p50[1] is not None else "-"
         rise = f"x{p99[1] / p99[0]:.1f}" if p99[0] and p99[1] else "-"
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
+        peer = r.get("nbdkit_file_ratio")
+        peer_ratio = f"{peer:.2f}x" if peer is not None else "-"
         lines.append(
             f"{r['job']:15} {fmt(r['nbdcache_mib_s'], '9.1f')} {fmt(r['raw_mib_s'], '9.1f')} "
-            f"{ratio:>6}  {target:11} {fmt(r['wb_pages_per_s'], '10.0f')}  {nf:>16}  "
+            f"{ratio:>6}  {target:11} {fmt(r.get('nbdkit_file_mib_s'), '7.1f')} "
+            f"{peer_ratio:>6}  {fmt(r['wb_pages_per_s'], '10.0f')}  {nf:>16}  "
             f"{fu:>16}  {rise:>6}"
         )
     lines.append("")
     lines.append(
         "fill-1m: the whole device, 1 MiB blocks, iodepth 8, before the jobs (not judged)."
+    )
+    lines.append(
+        "nbdkit file: the same client and jobs through a C server writing straight to an "
+        "image in the same directory (fsync counted): what fio's nbd engine reaches here."
     )
     for r in rows:
         if r["job"] == FILL.name or r["nbdcache_mib_s"] is None:
@@ -848,8 +925,8 @@ def main(argv: list[str] | None = None) -> int:
         "fio": tool_version(["fio", "--version"]),
         "nbdcache": tool_version([*bench.exe, "--version"]),
     }
-    # fills at roughly 40 and 200 MiB/s; per job two timed runs and a short one
-    est = args.size / (40 * MiB) + args.size / (200 * MiB) + len(JOBS) * (3 * args.runtime + 3) + 15
+    # fills at roughly 40, 200 and 200 MiB/s; per job three timed runs and a short one
+    est = args.size / (40 * MiB) + args.size / (100 * MiB) + len(JOBS) * (4 * args.runtime + 4) + 15
     print(
         f"nbdcache writeback benchmark: device {human_size(args.size)}, tier "
         f"{human_size(args.ram)}, {args.runtime} s jobs, temp dir {tmp} "
@@ -864,6 +941,10 @@ def main(argv: list[str] | None = None) -> int:
             bench.phase_full()
         except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError, OSError) as exc:
             bench.error(f"tier-full phase: {exc}")
+        try:
+            bench.phase_peer()
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError, OSError) as exc:
+            bench.error(f"peer phase: {exc}")
         try:
             bench.phase_not_full()
         except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError, OSError) as exc:
