@@ -168,6 +168,11 @@ class BackingImage:
                 done += n
                 data = data[n:]
 
+    def write_runs(self, runs: Sequence[tuple[int, Sequence[bytes | memoryview]]]) -> None:
+        """`write` of each (offset, buffers), in order, on one pool thread."""
+        for offset, buffers in runs:
+            self.write(offset, buffers)
+
     def punch(self, offset: int, length: int) -> None:
         """Deallocate the range; it reads as zeroes afterwards."""
         if self.can_punch:

@@ -111,6 +111,7 @@ _DIRTY_RUN: Final = re.compile(b"\x02+")
 _RETRY_DELAY: Final = 0.5  # seconds before writeback retries after an I/O error
 _FLUSH_CHUNK: Final = 1 << 16  # pages examined per step of a flush
 _MAX_RUN: Final = 256  # pages per pwritev (1 MiB; IOV_MAX is 1024)
+_SHORT_RUN: Final = 16  # runs shorter than this share one job for the I/O pool
 _REGION_SHIFT: Final = 9  # reservations cover 512-page (2 MiB) regions
 _UNRESERVED_RUN: Final = re.compile(b"\x00+")
 
@@ -1107,26 +1108,46 @@ class WritebackStore:
                 self._schedule()
             return
         dirty.sort()
+        short: list[list[int]] = []
         for first, count in runs(dirty):
-            self._write_run(list(range(first, first + count)), release=True)
+            if count >= _SHORT_RUN:
+                self._write_run(list(range(first, first + count)), release=True)
+            else:
+                short.append(list(range(first, first + count)))
+        if short:
+            self._write_runs(short, release=True)
         if released:
             self._pump_waiters()
         self.writeback_batches += 1
         if released or self.inflight < self.policy.inflight:
             self._schedule()  # keep the pipeline full: another batch next turn
 
-    def _write_run(self, pages: list[int], release: bool) -> asyncio.Future[None]:
-        """Write consecutive RAM pages to the image with one pwritev."""
+    def _run_data(self, pages: list[int]) -> list[bytes | memoryview]:
+        """The content of consecutive RAM pages, for one pwritev."""
         # Expanded in one C call as far as the tier can (`RamTier.load_run`).
         run, done = self.ram.load_run(pages[0], len(pages))
         data: list[bytes | memoryview] = []
         if run is not None and done:
             data.append(memoryview(run)[: done << PAGE_SHIFT])
         data += [self.ram.load(p) for p in pages[done:]]
-        fut = self.image.submit(self.image.write, pages[0] << PAGE_SHIFT, data)
+        return data
+
+    def _write_run(self, pages: list[int], release: bool) -> asyncio.Future[None]:
+        """Write consecutive RAM pages to the image with one pwritev."""
+        fut = self.image.submit(self.image.write, pages[0] << PAGE_SHIFT, self._run_data(pages))
         self._track(pages, fut)
         fut.add_done_callback(lambda f: self._written(pages, release, f))
         return fut
+
+    def _write_runs(self, runs_: list[list[int]], release: bool) -> None:
+        """Short runs (the pages of random writes) as one job for the pool:
+        a pwritev each, but one hop to a thread and one future for them all.
+        If any fails, all stay dirty and are written again."""
+        jobs = [(run[0] << PAGE_SHIFT, self._run_data(run)) for run in runs_]
+        pages = [pgno for run in runs_ for pgno in run]
+        fut = self.image.submit(self.image.write_runs, jobs)
+        self._track(pages, fut)
+        fut.add_done_callback(lambda f: self._written(pages, release, f))
 
     def _track(self, pages: list[int], fut: asyncio.Future[None]) -> None:
         for p in pages:
