@@ -168,10 +168,20 @@ class BackingImage:
                 done += n
                 data = data[n:]
 
-    def write_runs(self, runs: Sequence[tuple[int, Sequence[bytes | memoryview]]]) -> None:
-        """`write` of each (offset, buffers), in order, on one pool thread."""
-        for offset, buffers in runs:
-            self.write(offset, buffers)
+    def write_runs(
+        self, runs: Sequence[tuple[int, Sequence[bytes | memoryview]]]
+    ) -> list[tuple[int, OSError]]:
+        """`write` of each (offset, buffers), in order, on one pool thread.
+
+        A run that fails does not stop the others: returns the index and the
+        error of each that failed."""
+        failed: list[tuple[int, OSError]] = []
+        for i, (offset, buffers) in enumerate(runs):
+            try:
+                self.write(offset, buffers)
+            except OSError as exc:
+                failed.append((i, exc))
+        return failed
 
     def punch(self, offset: int, length: int) -> None:
         """Deallocate the range; it reads as zeroes afterwards."""

@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     wb.add_argument("--writeback-low", metavar="F", type=float, help="stop at this arena fraction")
     wb.add_argument("--writeback-inflight", metavar="N", type=int, help="pages in flight at most")
     wb.add_argument(
+        "--sequential-cutoff",
+        metavar="SIZE",
+        help="with the arena past --writeback-low, multi-page sequential streams past "
+        "this go straight to the image (0: never; default 4M)",
+    )
+    wb.add_argument(
         "--preallocate",
         action="store_const",
         const=True,
@@ -156,6 +162,7 @@ _EXPORT_FLAGS = {
     "writeback_high": "writeback_high",
     "writeback_low": "writeback_low",
     "writeback_inflight": "writeback_inflight",
+    "sequential_cutoff": "sequential_cutoff",
     "preallocate": "preallocate",
 }
 

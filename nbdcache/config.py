@@ -104,6 +104,9 @@ class ExportConfig(_Model):
     preallocate: bool = False
     #: Seconds a write may wait for writeback to make room before it fails.
     writeback_wait: float = 30.0
+    #: With the tier at its high watermark, multi-page writes of a
+    #: sequential stream longer than this go straight to the image (0: never).
+    sequential_cutoff: Size = 4 << 20
     #: Client certificate names allowed to use the export (the subject's CN,
     #: a DNS subjectAltName, or the whole subject as "CN=..,O=.."); empty:
     #: anyone.  Naming any makes the export TLS-only; needs server.tls_ca.
@@ -155,6 +158,13 @@ class ExportConfig(_Model):
     def _inflight(cls, v: int) -> int:
         if v < 1:
             raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("sequential_cutoff")
+    @classmethod
+    def _cutoff(cls, v: int) -> int:
+        if v < 0 or v % 4096:
+            raise ValueError("must be a whole number of 4096-byte pages, or 0")
         return v
 
     @field_validator("writeback_wait")

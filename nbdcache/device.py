@@ -157,7 +157,10 @@ class Device:
             length >= self.offload_pages << PAGE_SHIFT
             and not (offset | length) & _MASK
             and not self._closed
-            and (threshold := self.store.encode_threshold) is not None
+            and (
+                threshold := self.store.encode_threshold(offset >> PAGE_SHIFT, length >> PAGE_SHIFT)
+            )
+            is not None
         ):
             copy = bytes(data)  # the caller reuses its buffer once this returns
             encoding = self._run_encoder().encode(copy, threshold)

@@ -86,6 +86,7 @@ def build(cfg: Config) -> list[Export]:
                         exclusive_gets=e.exclusive_gets,
                         durable=e.durability == "durable",
                         wait_timeout=e.writeback_wait,
+                        sequential_cutoff=e.sequential_cutoff >> PAGE_SHIFT,
                     ),
                 )
                 wb.adopt_image(preallocated=e.preallocate)

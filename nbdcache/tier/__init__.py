@@ -78,10 +78,11 @@ class PageStore(Protocol):
         with `StoreIOError`.  On any error the page keeps its previous content.
         """
 
-    @property
-    def encode_threshold(self) -> int | None:
-        """If the store takes runs encoded elsewhere (`store_run`'s `encoded`):
-        the incompressible threshold to encode them with; else None."""
+    def encode_threshold(self, first: int, count: int) -> int | None:
+        """If the store takes the run of `count` pages at `first` encoded
+        elsewhere (`store_run`'s `encoded`): the incompressible threshold to
+        encode it with; None if it takes no encoded runs, or will not keep
+        this one in RAM."""
 
     def store_run(
         self, first: int, data: memoryview, encoded: Encoded | None = None

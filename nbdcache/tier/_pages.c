@@ -13,13 +13,14 @@
  *             one reply buffer (holes, zero and same-filled pages, raw and
  *             lz4 pages, objects split across two frames included).
  *
- * and one loop that places a run of encoded pages in the arena:
+ * and two loops over zsmalloc's tables:
  *
- *   zs_place - zsmalloc's common store path (see its comment below);
+ *   zs_place - its common store path, for a run of encoded pages (see its
+ *              comment below);
  *   zs_release - its common free path, for pages written back.
  *
  * Every decision about frames (taking them, giving them back, compaction,
- * the capacity rules) stays in Python; zs_place stops where one is needed.
+ * the capacity rules) stays in Python; both loops stop where one is needed.
  * The output is the same lz4 block format the lz4 package reads and writes,
  * so pages move freely between this path and the pure-Python one.  The
  * constants below must match nbdcache/tier/__init__.py, arena.py and

@@ -358,7 +358,7 @@ class StampLRU:
             self.queue = self._current(self.queue[self.head :])
             self.cold = self._current(self.cold)
         elif self.head:
-            del self.queue[: self.head]
+            self.queue = self.queue[self.head :]  # (a new array, as `iter_coldest` expects)
         self.head = 0
         self.limit = 2 * live + self._SLACK
 

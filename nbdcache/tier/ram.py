@@ -228,8 +228,7 @@ class RamTier:
         if len(obj) == PAGE_SIZE and self.codec.compressor == "lz4":
             self.incompressible += 1
 
-    @property
-    def encode_threshold(self) -> int | None:
+    def encode_threshold(self, first: int = 0, count: int = 0) -> int | None:
         """The threshold to encode runs for `store_pages` with, elsewhere
         (`nbdcache.tier.encoder`); None when there is nothing to do so."""
         return None if self._native is None else self._threshold

@@ -31,7 +31,9 @@ Policy (zcache's "adequate policy for writeback"): eviction starts when the
 arena's frames in use reach the high watermark and stops at the low one; it
 takes the coldest pages of the allocator's LRU (whole frames for zbud and
 z3fold), writes runs of adjacent pages with one `pwritev`, and keeps at most
-`inflight` pages in flight.  Clean pages are released without I/O.  Pages
+`inflight` pages in flight.  Short runs (the pages of random writes) go to
+the I/O pool several to a job, up to 64 pages; a run that fails there
+stays dirty on its own.  Clean pages are released without I/O.  Pages
 that left RAM dirty (trimmed, zeroed, same-filled) are brought to the image
 in the background, adjacent ones merged into one `fallocate`.
 
@@ -50,6 +52,12 @@ image may hold any part of the page, so the new content stays in `through`
 (the page busy) and is written again after the back-off, as a failed
 writeback is; meanwhile writes wait for room.  A write-through that has not
 landed within `wait_timeout` fails the client's write with EIO.
+
+Sequential streams (bcache's ``sequential_cutoff``): once multi-page writes
+following each other have covered `sequential_cutoff` pages, and while the
+arena is past its low watermark, they bypass the tier: written through as
+above, never compressed (`encode_threshold` says so before the encoder
+thread starts on them).  Up to 64 streams are followed at once.
 
 Backpressure: a write that cannot go through (a partial page, a page with
 I/O in flight or queued writes, a page without image blocks yet) waits, in
@@ -80,7 +88,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from nbdcache.backing import BackingImage
 from nbdcache.tier import (
@@ -111,7 +119,8 @@ _DIRTY_RUN: Final = re.compile(b"\x02+")
 _RETRY_DELAY: Final = 0.5  # seconds before writeback retries after an I/O error
 _FLUSH_CHUNK: Final = 1 << 16  # pages examined per step of a flush
 _MAX_RUN: Final = 256  # pages per pwritev (1 MiB; IOV_MAX is 1024)
-_SHORT_RUN: Final = 16  # runs shorter than this share one job for the I/O pool
+_SHORT_RUN: Final = 16  # runs shorter than this share one job for the I/O pool,
+_GROUP: Final = 64  # ... up to this many pages a job
 _REGION_SHIFT: Final = 9  # reservations cover 512-page (2 MiB) regions
 _UNRESERVED_RUN: Final = re.compile(b"\x00+")
 
@@ -127,6 +136,9 @@ class WritebackPolicy:
     exclusive_gets: str = "off"
     durable: bool = False
     wait_timeout: float = 30.0  # seconds a write may wait for room
+    # Pages a sequential stream of multi-page writes may reach before, with
+    # the arena past its low watermark, its writes bypass the tier (0: never).
+    sequential_cutoff: int = 1024
 
 
 #: Queued writes scanned for base reads to start ahead of their turn.
@@ -154,6 +166,11 @@ class _Waiter:
 _DISCARD: Final = -2
 
 
+def _error(fut: asyncio.Future[Any]) -> BaseException | None:
+    """What a finished image I/O failed with (cancelled: CancelledError), or None."""
+    return asyncio.CancelledError() if fut.cancelled() else fut.exception()
+
+
 def _all_done(futures: list[asyncio.Future[None]]) -> asyncio.Future[None]:
     """One future for several: done when all are, failed with the first error."""
     if len(futures) == 1:
@@ -178,8 +195,35 @@ def _settle_run(run: asyncio.Future[None], parts: asyncio.Future[list[object]]) 
         run.set_result(None)
 
 
+class _Countdown:
+    """Stands for the future of a write of several pages, each written
+    through as its own entry of a turn: the future is set once every page
+    has landed (or superseded), or at the first error."""
+
+    __slots__ = ("future", "left")
+
+    def __init__(self, future: asyncio.Future[None], pages: int) -> None:
+        self.future = future
+        self.left = pages
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def set_result(self, result: None) -> None:
+        self.left -= 1
+        if not self.left and not self.future.done():
+            self.future.set_result(result)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
 #: Write-through pages of one event-loop turn, with the futures of their writes.
-_Turn = list[tuple[int, "asyncio.Future[None]"]]
+_Turn = list[tuple[int, "asyncio.Future[None] | _Countdown"]]
+
+#: Sequential streams of multi-page writes followed at once (bcache keeps 128).
+_STREAMS: Final = 64
 
 
 _T = TypeVar("_T")
@@ -238,15 +282,18 @@ class WritebackStore:
         self._arena = ram.arena
         n = ram.page_count
         self.img = bytearray(n)
-        self.busy: dict[int, asyncio.Future[None]] = {}
+        self.busy: dict[int, asyncio.Future[Any]] = {}
         self.touched: set[int] = set()  # changed while their I/O was in flight
         self.punching: set[int] = set()  # holes being punched: blocks going away
         self.reads: dict[int, asyncio.Future[bytes]] = {}
-        self.through: dict[int, bytes] = {}  # written through, in flight: newest data
+        self.through: dict[int, bytes | memoryview] = {}  # written through, in flight
         self._through_turn: _Turn = []
         self._through_io: asyncio.Future[None] | None = None  # this turn's, for `busy`
         self._fill_turn: list[tuple[int, asyncio.Future[bytes]]] = []  # reads to issue
         self.full = False  # a store found the arena full: write through for now
+        # Sequential streams: the page after a multi-page write -> the pages
+        # written in a row up to there (oldest stream first).
+        self._streams: dict[int, int] = {}
         self.waiters: deque[_Waiter] = deque()
         self.queued: dict[int, int] = {}  # page -> its writes in `waiters`
         self.evicting = False
@@ -264,6 +311,7 @@ class WritebackStore:
         # Counters.
         self.pages_written_back = 0
         self.pages_written_through = 0
+        self.pages_bypassed = 0  # written through as a long sequential stream
         self.writeback_batches = 0
         self.writeback_errors = 0
         self.pages_read_from_image = 0
@@ -366,9 +414,11 @@ class WritebackStore:
             return self._write_through(pgno, data)  # incompressible: to the image
         return None
 
-    @property
-    def encode_threshold(self) -> int | None:
-        return self.ram.encode_threshold
+    def encode_threshold(self, first: int, count: int) -> int | None:
+        # A run that will bypass the tier needs no encoding.
+        if self._streaming(first, count):
+            return None
+        return self.ram.encode_threshold()
 
     def store_run(
         self, first: int, data: memoryview, encoded: Encoded | None = None
@@ -386,11 +436,12 @@ class WritebackStore:
         done = 0
         waits: list[asyncio.Future[None]] = []
         queued = self.queued
-        if not (
-            self.full
-            or (queued and any(p in queued for p in range(first, end)))
-            or (self.punching and any(first <= p < end for p in self.punching))
-        ):
+        blocked = (queued and any(p in queued for p in range(first, end))) or (
+            self.punching and any(first <= p < end for p in self.punching)
+        )
+        if self._bypass(first, count) and not blocked:
+            return [self._write_through_run(first, data)]
+        if not (self.full or blocked):
             if self.img.find(IMG_NONE, first, end) >= 0:
                 return [self._enqueue_run(first, data, encoded)]
             done, waits = self._store_pages_now(first, data, encoded)
@@ -400,6 +451,54 @@ class WritebackStore:
             if wait is not None:
                 waits.append(wait)
         return waits
+
+    def _bypass(self, first: int, count: int) -> bool:
+        """Whether a write of whole pages `first`.. goes straight to the image.
+
+        As bcache's ``sequential_cutoff``: once a sequential stream of
+        multi-page writes has reached `sequential_cutoff` pages, and while
+        the arena is past its low watermark (where writeback keeps a full
+        tier: each page stored pushes another out), its writes bypass the
+        tier.  Compressing, packing,
+        expanding and writing back a page costs the server several times
+        what writing it once does, and a long stream (a file copy, a restore)
+        would otherwise wash every other page out of RAM.  Pages without
+        image blocks, with I/O in flight, or beyond the write-through bound
+        take the tier as before.
+        """
+        streaming = self._streaming(first, count)
+        streams = self._streams
+        streams[first + count] = streams.pop(first, 0) + count
+        if len(streams) > _STREAMS:
+            del streams[next(iter(streams))]
+        return (
+            streaming
+            and len(self.through) + count <= self.policy.inflight
+            and time.monotonic() >= self._backoff_until
+            and self.img.find(IMG_NONE, first, first + count) < 0
+            and not any(p in self.busy for p in range(first, first + count))
+        )
+
+    def _streaming(self, first: int, count: int) -> bool:
+        """Whether a write at `first` continues a stream past the cutoff while
+        the tier is under pressure (see `_bypass`; nothing is recorded)."""
+        cutoff = self.policy.sequential_cutoff
+        return 0 < cutoff <= self._streams.get(first, 0) + count and (
+            self.full or self._arena.frames_used >= self._low
+        )
+
+    def _write_through_run(self, first: int, data: memoryview) -> asyncio.Future[None]:
+        """`_write_through` of each page of `data`, with one future for them all."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        count = len(data) >> PAGE_SHIFT
+        pages = _Countdown(fut, count)
+        view = memoryview(bytes(data))  # the caller reuses its buffer once this returns
+        through = self.through
+        for i in range(count):
+            through[first + i] = view[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT]
+            self._add_to_turn(first + i, pages)
+        self.pages_bypassed += count
+        return fut
 
     def _store_pages_now(
         self, first: int, data: memoryview, encoded: Encoded | None
@@ -571,7 +670,7 @@ class WritebackStore:
         self._add_to_turn(pgno, fut)
         return fut
 
-    def _add_to_turn(self, pgno: int, fut: asyncio.Future[None]) -> None:
+    def _add_to_turn(self, pgno: int, fut: asyncio.Future[None] | _Countdown) -> None:
         if self._through_io is None:
             loop = asyncio.get_running_loop()
             self._through_io = loop.create_future()
@@ -625,9 +724,9 @@ class WritebackStore:
         """
         failed = io.cancelled() or io.exception() is not None
         if failed and not self._closed:
-            self._io_failed("write-through", [pgno for pgno, _ in run], io)
+            self._io_failed("write-through", [pgno for pgno, _ in run], _error(io))
         ram = self.ram
-        landed: list[asyncio.Future[None]] = []
+        landed: list[asyncio.Future[None] | _Countdown] = []
         retry: _Turn = []
         for pgno, fut in run:
             same = self._untouched(pgno)
@@ -753,7 +852,7 @@ class WritebackStore:
             data: bytes | bytearray = w.data
             if w.start >= 0:
                 if w.pgno in self.through and w.pgno not in self.touched:
-                    base: bytes | None = self.through[w.pgno]  # written through, in flight
+                    base: bytes | memoryview | None = self.through[w.pgno]  # in flight
                 elif self.ram.state(w.pgno) == DISK and w.base is None:
                     self._fetch_base(w)
                     self._prefetch_bases()
@@ -996,7 +1095,7 @@ class WritebackStore:
             loop.call_soon(self._issue_fills)
         self._fill_turn.append((pgno, fut))
         self.reads[pgno] = fut
-        self.busy[pgno] = fut  # type: ignore[assignment]
+        self.busy[pgno] = fut
         self.pages_read_from_image += 1
         fut.add_done_callback(lambda f: self._filled(pgno, f))
         return fut
@@ -1109,11 +1208,16 @@ class WritebackStore:
             return
         dirty.sort()
         short: list[list[int]] = []
+        grouped = 0
         for first, count in runs(dirty):
             if count >= _SHORT_RUN:
                 self._write_run(list(range(first, first + count)), release=True)
-            else:
-                short.append(list(range(first, first + count)))
+                continue
+            short.append(list(range(first, first + count)))
+            grouped += count
+            if grouped >= _GROUP:  # several jobs: the pool's threads share them
+                self._write_runs(short, release=True)
+                short, grouped = [], 0
         if short:
             self._write_runs(short, release=True)
         if released:
@@ -1141,15 +1245,31 @@ class WritebackStore:
 
     def _write_runs(self, runs_: list[list[int]], release: bool) -> None:
         """Short runs (the pages of random writes) as one job for the pool:
-        a pwritev each, but one hop to a thread and one future for them all.
-        If any fails, all stay dirty and are written again."""
+        a pwritev each, but one hop to a thread and one future for them all."""
         jobs = [(run[0] << PAGE_SHIFT, self._run_data(run)) for run in runs_]
         pages = [pgno for run in runs_ for pgno in run]
         fut = self.image.submit(self.image.write_runs, jobs)
         self._track(pages, fut)
-        fut.add_done_callback(lambda f: self._written(pages, release, f))
+        fut.add_done_callback(lambda f: self._runs_written(runs_, release, f))
 
-    def _track(self, pages: list[int], fut: asyncio.Future[None]) -> None:
+    def _runs_written(
+        self, runs_: list[list[int]], release: bool, fut: asyncio.Future[list[tuple[int, OSError]]]
+    ) -> None:
+        """`_written` of a group of runs: those that failed stay dirty (and
+        writeback backs off), the others landed."""
+        failed = {} if _error(fut) is not None else dict(fut.result())
+        if not failed:
+            self._written([pgno for run in runs_ for pgno in run], release, fut)
+            return
+        landed = [pgno for i, run in enumerate(runs_) if i not in failed for pgno in run]
+        if landed:
+            self._written(landed, release, fut)
+        for i, exc in failed.items():
+            self._untrack(runs_[i])
+            if not self._closed:
+                self._io_failed("write", runs_[i], exc)
+
+    def _track(self, pages: list[int], fut: asyncio.Future[Any]) -> None:
         for p in pages:
             self.busy[p] = fut
         self.inflight += len(pages)
@@ -1161,12 +1281,12 @@ class WritebackStore:
         self.inflight -= len(pages)
         return [self._untouched(p) for p in pages]
 
-    def _written(self, pages: list[int], release: bool, fut: asyncio.Future[None]) -> None:
+    def _written(self, pages: list[int], release: bool, fut: asyncio.Future[Any]) -> None:
         untouched = self._untrack(pages)
         if self._closed:
             return
         if fut.cancelled() or fut.exception() is not None:
-            self._io_failed("write", pages, fut)
+            self._io_failed("write", pages, _error(fut))
             return
         state = self._state
         released: list[int] = []
@@ -1185,9 +1305,8 @@ class WritebackStore:
         self._pump_waiters()
         self._schedule()
 
-    def _io_failed(self, what: str, pages: list[int], fut: asyncio.Future[None]) -> None:
+    def _io_failed(self, what: str, pages: list[int], exc: BaseException | None) -> None:
         self.writeback_errors += 1
-        exc = None if fut.cancelled() else fut.exception()
         log.error(
             "image %s of pages %d-%d failed: %s; pages stay dirty, retrying in %.1f s",
             what,
@@ -1245,7 +1364,7 @@ class WritebackStore:
             if self._closed:
                 return
             if f.cancelled() or f.exception() is not None:
-                self._io_failed("update", pages, f)
+                self._io_failed("update", pages, _error(f))
                 self.offram_dirty = True
                 return
             for pgno, same in zip(pages, untouched, strict=True):
@@ -1363,6 +1482,7 @@ class WritebackStore:
             {
                 "pages_written_back_total": self.pages_written_back,
                 "pages_written_through_total": self.pages_written_through,
+                "pages_bypassed_total": self.pages_bypassed,
                 "writeback_batches_total": self.writeback_batches,
                 "writeback_errors_total": self.writeback_errors,
                 "writeback_inflight": self.inflight,

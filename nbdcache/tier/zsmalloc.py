@@ -35,7 +35,9 @@ these same tables in the same order.  Where frames must change hands the
 loop stops: for a class with no room, `place_run` makes the new zspage as
 `alloc` would and calls again; a raw page, a huge old object or a free that
 empties a zspage goes back to the tier, which stores it through `alloc` and
-`free`.
+`free`.  `place_one` does the same for a single-page write.  Pages written
+back leave the same way: `release_run` (``zs_release``) frees their objects
+while no zspage empties, and the tier releases the rest through `free`.
 
 The LRU is per object, in store order: a `StampLRU` keyed by page number
 (4 bytes per device page for the stamps).  Eviction therefore frees
@@ -471,6 +473,7 @@ class Zsmalloc:
         caller, nothing changed: where a frame must change hands or the LRU
         queue is due for a clean.  The change in payload bytes is `run_bytes`.
         """
+        assert 0 < size < PAGE_SIZE, "place_one takes compressed pages only"
         lru = self.lru
         if len(lru.queue) >= lru.limit:
             return False

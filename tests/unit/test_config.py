@@ -33,11 +33,15 @@ def test_flags_win_over_the_file_and_apply_to_the_first_export(tmp_path: Path) -
         '[server]\nlisten = ["127.0.0.1:1"]\n'
         '[[exports]]\nname = "a"\nsize = "1M"\n[[exports]]\nname = "b"\nsize = "2M"\n'
     )
-    cfg = config.load(f, {"listen": ["127.0.0.1:2"]}, {"size": "8M", "read_only": True})
+    cfg = config.load(
+        f,
+        {"listen": ["127.0.0.1:2"]},
+        {"size": "8M", "read_only": True, "sequential_cutoff": "1M"},
+    )
     assert cfg.server.listen == ["127.0.0.1:2"]
-    assert [(e.name, e.size, e.read_only) for e in cfg.exports] == [
-        ("a", 8 << 20, True),
-        ("b", 2 << 20, False),
+    assert [(e.name, e.size, e.read_only, e.sequential_cutoff) for e in cfg.exports] == [
+        ("a", 8 << 20, True, 1 << 20),
+        ("b", 2 << 20, False, 4 << 20),
     ]
 
 
@@ -70,6 +74,10 @@ def test_embedded_default_needs_no_file() -> None:
         ('[server]\ntls = "require"\n', "server: tls = on or require needs tls_cert"),
         ('[server]\ntls_ca = "ca.pem"\n', "server: tls_cert, tls_key and tls_ca need tls"),
         ("[server]\nmax_connections = 0\n", "server.max_connections: must be at least 1"),
+        (
+            '[[exports]]\nsequential_cutoff = "1000"\n',
+            "exports[0].sequential_cutoff: must be a whole number of 4096-byte pages, or 0",
+        ),
         ("[server]\nhandshake_timeout = -1\n", "server.handshake_timeout: must not be negative"),
     ],
 )

@@ -79,7 +79,13 @@ def page(seed: int, compressible: bool = True) -> bytes:
 
 
 def make(
-    tmp: Path, allocator: str, mode: str, durable: bool, seed: int, frames: int = FRAMES
+    tmp: Path,
+    allocator: str,
+    mode: str,
+    durable: bool,
+    seed: int,
+    frames: int = FRAMES,
+    cutoff: int = 0,
 ) -> WritebackStore:
     image = DelayedImage(tmp / "img", SIZE, volatile=not durable, io_threads=3, seed=seed)
     ram = RamTier(PAGES, frames * 4096, allocator=allocator, overcommit=False)
@@ -91,6 +97,7 @@ def make(
         exclusive_gets=mode,
         durable=durable,
         wait_timeout=20,
+        sequential_cutoff=cutoff,
     )
     return WritebackStore(ram, image, policy)
 
@@ -137,9 +144,12 @@ def test_every_read_returns_the_last_write(
     # the examples; one in four runs the pure-Python loops.
     offload = 2 if seed % 3 else OFFLOAD_PAGES
     pure = seed % 4 == 3
+    # In 3/5 of the examples every multi-page write is a sequential stream
+    # past the cutoff: under pressure it bypasses the tier.
+    cutoff = 2 if seed % 5 < 3 else 0
 
     async def run() -> None:
-        store = make(tmp, allocator, mode, durable, seed)
+        store = make(tmp, allocator, mode, durable, seed, cutoff=cutoff)
         store.adopt_image(preallocated=False)
         dev = Device(store, SIZE, offload_pages=offload)
         model = bytearray(SIZE)
@@ -214,6 +224,61 @@ def test_every_read_returns_the_last_write(
         asyncio.run(run())
     finally:
         ram_module.native, writeback_module._REGION_SHIFT = saved
+
+
+@pytest.mark.parametrize("pressure", [True, False], ids=["tier-full", "tier-with-room"])
+def test_a_long_sequential_stream_bypasses_a_full_tier(tmp_path: Path, pressure: bool) -> None:
+    """Multi-page writes of a sequential stream past the cutoff, with the
+    arena past its low watermark, go straight to the image: readable while in
+    flight, on the image once landed, no RAM copy kept.  With room in the
+    tier the stream is stored in RAM as any write.  (Pages rewritten while
+    in flight: the property test, whose multi-page writes all bypass in
+    most examples.)"""
+
+    async def run() -> None:
+        frames = FRAMES if pressure else 4 * FRAMES  # (room for the stream too)
+        store = make(tmp_path, "zsmalloc", "off", False, seed=1, frames=frames, cutoff=8)
+        store.adopt_image(preallocated=True)
+        image = store.image
+        assert isinstance(image, DelayedImage)
+        dev = Device(store, SIZE)  # (4-page writes reach the store at once)
+        if pressure:
+            for p in range(0, 300, 2):  # far past the arena: writeback keeps it full
+                await settle(dev.write(p * 4096, memoryview(page(p))))
+            assert store.ram.arena.frames_used >= store._low
+        stream = [b"".join(page(1000 + 4 * k + i) for i in range(4)) for k in range(10)]
+        sent = b"".join(stream)
+        await settle(dev.write(320 * 4096, memoryview(stream[0])))  # starts the stream
+        image.gate.clear()  # hold the image writes: the next two stay in flight
+        writes = [dev.write((320 + 4 * k) * 4096, memoryview(stream[k])) for k in (1, 2)]
+        if pressure:  # past the cutoff: straight to the image, readable from memory
+            assert sorted(store.through) == list(range(324, 332))
+            assert store.pages_bypassed == 8
+        assert await read_all(dev, 324 * 4096, 8 * 4096) == sent[4 * 4096 : 12 * 4096]
+        image.gate.set()
+        for w in writes:
+            await settle(w)
+        for k in range(3, 10):
+            await settle(dev.write((320 + 4 * k) * 4096, memoryview(stream[k])))
+        want = sent
+        others = range(324, 360)
+        if pressure:
+            # The rest bypassed too while the arena stayed past its low
+            # watermark (writeback may take it below for a moment).
+            bypassed = [p for p in others if store.ram.state(p) == DISK]
+            assert len(bypassed) >= 8 and store.pages_bypassed >= len(bypassed)
+            on_image = BackingImage.read(image, 320 * 4096, 40 * 4096)  # (no delay)
+            for p in bypassed:
+                at = (p - 320) * 4096
+                assert on_image[at : at + 4096] == want[at : at + 4096], p
+        else:
+            assert store.pages_bypassed == 0
+            assert all(store.ram.state(p) == RAM for p in others)
+        assert await read_all(dev, 320 * 4096, 40 * 4096) == want
+        await store.close()
+        store.ram.close()
+
+    asyncio.run(run())
 
 
 def test_a_page_rewritten_during_its_writeback_keeps_the_new_data(tmp_path: Path) -> None:
@@ -514,6 +579,44 @@ def test_failed_writeback_keeps_pages_dirty_and_retries(tmp_path: Path) -> None:
             assert await read_all(dev, p * 4096, 4096) == page(p)
         await store.close()
         store.ram.close()
+
+    asyncio.run(run())
+
+
+def test_a_page_that_cannot_be_written_back_does_not_hold_up_the_others(
+    tmp_path: Path,
+) -> None:
+    """Random writes' pages are written back in groups of short runs, one
+    job each; one bad offset in the image fails its run only.  That page
+    stays dirty in RAM and readable; its neighbours in the group land, so
+    writeback keeps making room and no write waits until it fails."""
+    bad = 5
+
+    class BadSector(BackingImage):
+        def write(self, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
+            if offset <= bad * 4096 < offset + sum(len(b) for b in buffers):
+                raise OSError(5, "Input/output error")
+            super().write(offset, buffers)
+
+    async def run() -> None:
+        image = BadSector(tmp_path / "img", SIZE, volatile=True, io_threads=2)
+        ram = RamTier(PAGES, FRAMES * 4096, allocator="zsmalloc", overcommit=False)
+        policy = WritebackPolicy(high=0.75, low=0.5, inflight=64, batch=64, wait_timeout=2)
+        store = WritebackStore(ram, image, policy)
+        store.adopt_image(preallocated=True)
+        dev = Device(store, SIZE)
+        order = list(range(PAGES))
+        random.Random(1).shuffle(order)
+        order.remove(bad)
+        order.insert(0, bad)  # the coldest page: in every round's first group
+        for p in order[:200]:
+            await settle(dev.write(p * 4096, memoryview(page(p))))  # none fails
+        assert store.writeback_errors > 0 and store.pages_written_back > 100
+        assert ram.state(bad) == RAM and store.img[bad] == IMG_DIRTY
+        for p in order[:200]:
+            assert await read_all(dev, p * 4096, 4096) == page(p)
+        await store.close()
+        ram.close()
 
     asyncio.run(run())
 

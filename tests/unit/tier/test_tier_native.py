@@ -31,7 +31,7 @@ from nbdcache.tier.arena import (
 )
 from nbdcache.tier.codec import Codec, filled_word, native
 from nbdcache.tier.ram import ALLOCATORS, RamTier
-from nbdcache.tier.zsmalloc import NATIVE_PLACE, Zsmalloc
+from nbdcache.tier.zsmalloc import NATIVE_PLACE, NATIVE_RELEASE, Zsmalloc
 
 needs_native = pytest.mark.skipif(
     native is None and not os.environ.get("NBDCACHE_REQUIRE_NATIVE"),
@@ -653,6 +653,21 @@ def test_zs_place_refuses_tables_that_do_not_add_up() -> None:
             zs.release_run(run_of, 1)
         assert (bytes(tier.arena.map), _zsmalloc_layout(tier)) == before
         zs.zs_head[frame] = saved
+        with pytest.raises(ValueError, match="bad counters or pages"):
+            zs.release_run(run_of, 4)
+        assert NATIVE_RELEASE is not None
+        with pytest.raises(ValueError, match="bad counters or pages"):
+            NATIVE_RELEASE(zs._tables, array("q", bytes(40)), run_of, 0)
+        # Pages released before a bad table stay released and counted.
+        tier.store_pages(40, memoryview(data))
+        frame = (tier._handle[43] >> HANDLE_SHIFT) // PAGE_SIZE
+        saved = zs.zs_head[frame]
+        zs.zs_head[frame] = tier.arena.frame_count
+        with pytest.raises(ValueError, match="inconsistent at page 43"):
+            tier.release_pages([40, 41, 43])
+        zs.zs_head[frame] = saved
+        assert [tier.state(p) for p in (40, 41, 42, 43)] == [DISK, DISK, RAM, RAM]
+        tier.check()
         tables = zs._tables
         counters = array("q", bytes(48))
         entries = array("Q", bytes(8 * 4))
