@@ -104,8 +104,8 @@ class ExportConfig(_Model):
     preallocate: bool = False
     #: Seconds a write may wait for writeback to make room before it fails.
     writeback_wait: float = 30.0
-    #: With the tier at its high watermark, multi-page writes of a
-    #: sequential stream longer than this go straight to the image (0: never).
+    #: With the arena past writeback_low, multi-page writes of a sequential
+    #: stream that has reached this go straight to the image (0: never).
     sequential_cutoff: Size = 4 << 20
     #: Client certificate names allowed to use the export (the subject's CN,
     #: a DNS subjectAltName, or the whole subject as "CN=..,O=.."); empty:

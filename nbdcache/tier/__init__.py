@@ -81,8 +81,8 @@ class PageStore(Protocol):
     def encode_threshold(self, first: int, count: int) -> int | None:
         """If the store takes the run of `count` pages at `first` encoded
         elsewhere (`store_run`'s `encoded`): the incompressible threshold to
-        encode it with; None if it takes no encoded runs, or will not keep
-        this one in RAM."""
+        encode it with; None if it takes no encoded runs, or expects not to
+        keep this one in RAM (it then takes it unencoded all the same)."""
 
     def store_run(
         self, first: int, data: memoryview, encoded: Encoded | None = None

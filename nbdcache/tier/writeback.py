@@ -32,7 +32,7 @@ arena's frames in use reach the high watermark and stops at the low one; it
 takes the coldest pages of the allocator's LRU (whole frames for zbud and
 z3fold), writes runs of adjacent pages with one `pwritev`, and keeps at most
 `inflight` pages in flight.  Short runs (the pages of random writes) go to
-the I/O pool several to a job, up to 64 pages; a run that fails there
+the I/O pool several to a job, about 64 pages each; a run that fails there
 stays dirty on its own.  Clean pages are released without I/O.  Pages
 that left RAM dirty (trimmed, zeroed, same-filled) are brought to the image
 in the background, adjacent ones merged into one `fallocate`.
@@ -56,8 +56,10 @@ landed within `wait_timeout` fails the client's write with EIO.
 Sequential streams (bcache's ``sequential_cutoff``): once multi-page writes
 following each other have covered `sequential_cutoff` pages, and while the
 arena is past its low watermark, they bypass the tier: written through as
-above, never compressed (`encode_threshold` says so before the encoder
-thread starts on them).  Up to 64 streams are followed at once.
+above, not compressed (`encode_threshold` says so, as the write arrives,
+before the encoder thread would start on it).  Up to 64 streams are
+followed at once.  A first write to a region without image blocks takes the
+tier (it must reserve them first).
 
 Backpressure: a write that cannot go through (a partial page, a page with
 I/O in flight or queued writes, a page without image blocks yet) waits, in
@@ -415,8 +417,9 @@ class WritebackStore:
         return None
 
     def encode_threshold(self, first: int, count: int) -> int | None:
-        # A run that will bypass the tier needs no encoding.
-        if self._streaming(first, count):
+        # A run that is to bypass the tier needs no encoding.  (Should it
+        # take the tier after all, it is encoded there, on the loop.)
+        if self._would_bypass(first, count, arriving=True):
             return None
         return self.ram.encode_threshold()
 
@@ -459,32 +462,44 @@ class WritebackStore:
         multi-page writes has reached `sequential_cutoff` pages, and while
         the arena is past its low watermark (where writeback keeps a full
         tier: each page stored pushes another out), its writes bypass the
-        tier.  Compressing, packing,
-        expanding and writing back a page costs the server several times
-        what writing it once does, and a long stream (a file copy, a restore)
-        would otherwise wash every other page out of RAM.  Pages without
-        image blocks, with I/O in flight, or beyond the write-through bound
-        take the tier as before.
+        tier.  Compressing, packing, expanding and writing back a page costs
+        the server several times what writing it once does, and a long
+        stream (a file copy, a restore) would otherwise wash every other page
+        out of RAM.  Pages without image blocks (a first write must reserve
+        them), with I/O in flight, or beyond the write-through bound take the
+        tier as before.  Records the write in its stream.
         """
-        streaming = self._streaming(first, count)
+        bypass = self._would_bypass(first, count)
+        if self.policy.sequential_cutoff:
+            streams = self._streams
+            streams[first + count] = streams.pop(first, 0) + count
+            if len(streams) > _STREAMS:
+                del streams[next(iter(streams))]
+        return bypass
+
+    def _would_bypass(self, first: int, count: int, arriving: bool = False) -> bool:
+        """`_bypass`'s answer, recording nothing.  `arriving`: asked as the
+        write arrives, when writes ahead of it in its stream may not have
+        reached the store yet; it then continues a stream that ended up to
+        `inflight` pages before it."""
+        cutoff = self.policy.sequential_cutoff
+        if not cutoff or not (self.full or self._arena.frames_used >= self._low):
+            return False
         streams = self._streams
-        streams[first + count] = streams.pop(first, 0) + count
-        if len(streams) > _STREAMS:
-            del streams[next(iter(streams))]
+        streamed = streams.get(first, 0)
+        if not streamed and arriving:
+            slack = self.policy.inflight
+            streamed = max(
+                (n + first - end for end, n in streams.items() if end < first <= end + slack),
+                default=0,
+            )
+        through = self.through
         return (
-            streaming
-            and len(self.through) + count <= self.policy.inflight
+            cutoff <= streamed + count
+            and (len(through) + count <= self.policy.inflight or not through)
             and time.monotonic() >= self._backoff_until
             and self.img.find(IMG_NONE, first, first + count) < 0
             and not any(p in self.busy for p in range(first, first + count))
-        )
-
-    def _streaming(self, first: int, count: int) -> bool:
-        """Whether a write at `first` continues a stream past the cutoff while
-        the tier is under pressure (see `_bypass`; nothing is recorded)."""
-        cutoff = self.policy.sequential_cutoff
-        return 0 < cutoff <= self._streams.get(first, 0) + count and (
-            self.full or self._arena.frames_used >= self._low
         )
 
     def _write_through_run(self, first: int, data: memoryview) -> asyncio.Future[None]:
@@ -1261,13 +1276,15 @@ class WritebackStore:
         if not failed:
             self._written([pgno for run in runs_ for pgno in run], release, fut)
             return
+        bad = [pgno for i in failed for pgno in runs_[i]]
+        self._untrack(bad)
+        if not self._closed:
+            # Back off (once for the job) before the landed pages let
+            # waiting writes go on: they must not go through at once.
+            self._io_failed("write", bad, next(iter(failed.values())))
         landed = [pgno for i, run in enumerate(runs_) if i not in failed for pgno in run]
         if landed:
             self._written(landed, release, fut)
-        for i, exc in failed.items():
-            self._untrack(runs_[i])
-            if not self._closed:
-                self._io_failed("write", runs_[i], exc)
 
     def _track(self, pages: list[int], fut: asyncio.Future[Any]) -> None:
         for p in pages:
