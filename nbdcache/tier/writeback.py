@@ -1279,9 +1279,10 @@ class WritebackStore:
         bad = [pgno for i in failed for pgno in runs_[i]]
         self._untrack(bad)
         if not self._closed:
-            # Back off (once for the job) before the landed pages let
-            # waiting writes go on: they must not go through at once.
-            self._io_failed("write", bad, next(iter(failed.values())))
+            # Back off (once for the job, naming its first failed run) before
+            # the landed pages let waiting writes go on through.
+            first_failed = min(failed)
+            self._io_failed("write", runs_[first_failed], failed[first_failed])
         landed = [pgno for i, run in enumerate(runs_) if i not in failed for pgno in run]
         if landed:
             self._written(landed, release, fut)
