@@ -693,6 +693,28 @@ zs_close(Py_buffer t[ZS_TABLES])
         PyBuffer_Release(&t[k]);
 }
 
+/* Buffers of objs[k] (with flags[k]) into *bufs[k], all or none: -1 with an
+ * exception set, nothing then held. */
+static int
+take_buffers(int n, PyObject *const objs[], const int flags[], Py_buffer *const bufs[])
+{
+    for (int k = 0; k < n; k++) {
+        if (PyObject_GetBuffer(objs[k], bufs[k], flags[k]) < 0) {
+            while (k--)
+                PyBuffer_Release(bufs[k]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void
+release_buffers(int n, Py_buffer *const bufs[])
+{
+    for (int k = 0; k < n; k++)
+        PyBuffer_Release(bufs[k]);
+}
+
 static PyObject *
 zs_place(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -706,26 +728,18 @@ zs_place(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if ((first == -1 || start == -1 || count == -1) && PyErr_Occurred())
         return NULL;
     Py_buffer t[ZS_TABLES], counters, out, sizes, words, entries;
+    Py_buffer *const more[] = {&counters, &out, &sizes, &words, &entries};
+    PyObject *const objs[] = {args[1], args[5], args[6], args[7], args[8]};
+    static const int flags[] = {PyBUF_WRITABLE, PyBUF_SIMPLE, PyBUF_SIMPLE, PyBUF_SIMPLE,
+                                PyBUF_WRITABLE};
     zs z;
     if (zs_open(args[0], t, &z) < 0)
         return NULL;
-    int extra = 0;
+    if (take_buffers(5, objs, flags, more) < 0) {
+        zs_close(t);
+        return NULL;
+    }
     PyObject *result = NULL;
-    if (PyObject_GetBuffer(args[1], &counters, PyBUF_WRITABLE) < 0)
-        goto end;
-    extra++;
-    if (PyObject_GetBuffer(args[5], &out, PyBUF_SIMPLE) < 0)
-        goto end;
-    extra++;
-    if (PyObject_GetBuffer(args[6], &sizes, PyBUF_SIMPLE) < 0)
-        goto end;
-    extra++;
-    if (PyObject_GetBuffer(args[7], &words, PyBUF_SIMPLE) < 0)
-        goto end;
-    extra++;
-    if (PyObject_GetBuffer(args[8], &entries, PyBUF_WRITABLE) < 0)
-        goto end;
-    extra++;
     if (counters.len != ZS_COUNTERS * 8 || counters.itemsize != 8 || sizes.itemsize != 4
         || words.itemsize != 8 || entries.itemsize != 8 || first < 0 || start < 0
         || count < start || first > z.pages || count > z.pages - first
@@ -759,10 +773,8 @@ zs_place(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (!PyErr_Occurred())
         result = PyLong_FromSsize_t(i);
 end:
+    release_buffers(5, more);
     zs_close(t);
-    Py_buffer *more[] = {&counters, &out, &sizes, &words, &entries};
-    for (int k = 0; k < extra; k++)
-        PyBuffer_Release(more[k]);
     return result;
 }
 
@@ -786,17 +798,17 @@ zs_release(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (start == -1 && PyErr_Occurred())
         return NULL;
     Py_buffer t[ZS_TABLES], counters, pages;
+    Py_buffer *const more[] = {&counters, &pages};
+    PyObject *const objs[] = {args[1], args[2]};
+    static const int flags[] = {PyBUF_WRITABLE, PyBUF_SIMPLE};
     zs z;
     if (zs_open(args[0], t, &z) < 0)
         return NULL;
-    int extra = 0;
+    if (take_buffers(2, objs, flags, more) < 0) {
+        zs_close(t);
+        return NULL;
+    }
     PyObject *result = NULL;
-    if (PyObject_GetBuffer(args[1], &counters, PyBUF_WRITABLE) < 0)
-        goto end;
-    extra++;
-    if (PyObject_GetBuffer(args[2], &pages, PyBUF_SIMPLE) < 0)
-        goto end;
-    extra++;
     Py_ssize_t count = pages.len / 4;
     if (counters.len != ZS_COUNTERS * 8 || counters.itemsize != 8 || pages.itemsize != 4
         || start < 0 || start > count) {
@@ -835,10 +847,8 @@ zs_release(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (!PyErr_Occurred())
         result = PyLong_FromSsize_t(i);
 end:
+    release_buffers(2, more);
     zs_close(t);
-    Py_buffer *more[] = {&counters, &pages};
-    for (int k = 0; k < extra; k++)
-        PyBuffer_Release(more[k]);
     return result;
 }
 
