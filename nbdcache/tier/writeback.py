@@ -737,9 +737,10 @@ class WritebackStore:
         it, so neither copy there nor the tier's old one can stand for it)
         and stays busy until a retry lands, as a failed writeback does.
         """
-        failed = io.cancelled() or io.exception() is not None
+        error = _error(io)
+        failed = error is not None
         if failed and not self._closed:
-            self._io_failed("write-through", [pgno for pgno, _ in run], _error(io))
+            self._io_failed("write-through", [pgno for pgno, _ in run], error)
         ram = self.ram
         landed: list[asyncio.Future[None] | _Countdown] = []
         retry: _Turn = []
@@ -1303,8 +1304,8 @@ class WritebackStore:
         untouched = self._untrack(pages)
         if self._closed:
             return
-        if fut.cancelled() or fut.exception() is not None:
-            self._io_failed("write", pages, _error(fut))
+        if (error := _error(fut)) is not None:
+            self._io_failed("write", pages, error)
             return
         state = self._state
         released: list[int] = []
@@ -1381,8 +1382,8 @@ class WritebackStore:
                 self.punching.difference_update(pages)
             if self._closed:
                 return
-            if f.cancelled() or f.exception() is not None:
-                self._io_failed("update", pages, _error(f))
+            if (error := _error(f)) is not None:
+                self._io_failed("update", pages, error)
                 self.offram_dirty = True
                 return
             for pgno, same in zip(pages, untouched, strict=True):

@@ -441,10 +441,7 @@ class Zsmalloc:
             finally:
                 # What the loop did stays done, even if it then found a bad table.
                 lru.seq = counters[0]
-                self.objects_live += counters[1]
-                self.run_bytes += counters[2]
-                if counters[3]:
-                    self._fragmented = True
+                self.run_bytes += self._counted(counters)
                 lru.queue.frombytes(self._entry_bytes[: 8 * counters[4]])
             stop = counters[5]
             if stop == _NO_ZSPAGE:
@@ -494,10 +491,7 @@ class Zsmalloc:
         ):
             return False
         lru.seq = counters[0]
-        self.objects_live += counters[1]
-        self.run_bytes = counters[2]
-        if counters[3]:
-            self._fragmented = True
+        self.run_bytes = self._counted(counters)
         lru.queue.append(self._one_entry[0])
         return True
 
@@ -516,10 +510,16 @@ class Zsmalloc:
             assert NATIVE_RELEASE is not None
             return NATIVE_RELEASE(self._tables, counters, pages, start)
         finally:
-            self.objects_live += counters[1]
-            self.run_bytes = counters[2]
-            if counters[3]:
-                self._fragmented = True
+            self.run_bytes = self._counted(counters)
+
+    def _counted(self, counters: array[int]) -> int:
+        """Take in what a C loop reports in `counters` (``zs_place``'s): the
+        change in live objects, and whether a full zspage lost an object.
+        Returns the change in payload bytes, which the tier counts."""
+        self.objects_live += counters[1]
+        if counters[3]:
+            self._fragmented = True
+        return counters[2]
 
     def realloc(self, handle: int, size: int, pgno: int) -> int:
         old = handle & HANDLE_LENGTH_MASK
